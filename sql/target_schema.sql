@@ -1,0 +1,12 @@
+-- The pgduplex schema on a node that receives changes (installed by `pgduplex init`,
+-- removed by `pgduplex teardown`).
+CREATE SCHEMA IF NOT EXISTS pgduplex;
+
+-- Idle positions of each source, written in a transaction tagged with the replication origin
+-- so that the origin's progress (and so the slot) can advance while the source has no
+-- transactions for us. An empty transaction would record nothing.
+CREATE TABLE IF NOT EXISTS pgduplex.heartbeat (
+    source_node text PRIMARY KEY,
+    lsn pg_lsn NOT NULL,
+    at timestamptz NOT NULL
+);

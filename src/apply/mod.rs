@@ -1,0 +1,564 @@
+//! The target writer: applies one direction's decoded changes to the target database.
+//!
+//! Guarantees, and what they rest on:
+//! - Every source transaction is applied whole, in source commit order, inside a target
+//!   transaction. Several consecutive source transactions may share one target transaction
+//!   (a *batch*), capped by rows and time; a TRUNCATE ends its batch.
+//! - Exactly once: each batch calls `pg_replication_origin_xact_setup(<end LSN of the last
+//!   source commit in the batch>, <its commit time>)` before COMMIT, so the origin's progress is
+//!   durable together with the rows (DESIGN §5). A restart reads that progress and streams
+//!   from there; nothing committed is applied twice, nothing uncommitted is skipped.
+//! - The LSN reported to the source as flushed comes from
+//!   `pg_replication_origin_session_progress(true)`, which flushes the target's WAL first, so
+//!   the apply session may use `synchronous_commit = off`.
+//!
+//! Statements are pipelined: each one is sent on creation and its result collected later, in
+//! order, so a batch costs round trips only at its end. Consecutive inserts into one table are
+//! sent as COPY.
+
+mod copy_text;
+mod table;
+mod text_value;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
+use tokio_postgres::{Client, Statement};
+
+use crate::config::{ApplyConfig, Direction, NodeConfig};
+use crate::db::{self, DbError, quote_literal};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pgoutput::{ColumnValue, Commit, Delete, Insert, Relation, TupleData, Truncate, Update};
+
+pub use table::{TableMap, TargetColumn, TARGET_COLUMNS_SQL, pg_timestamp_literal};
+pub use text_value::TextValue;
+
+/// Why a change could not be applied. Each variant names the table (and column) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("table {table} is replicated from the source but does not exist on the target: create it with the same columns")]
+    MissingTable { table: String },
+    #[error("column {column} of table {table} exists on the source but not on the target: add it on the target")]
+    MissingColumn { table: String, column: String },
+    #[error("table {table} has no primary key and no REPLICA IDENTITY FULL on the source, so its updates and deletes cannot be matched")]
+    NoReplicaIdentity { table: String },
+    #[error("change for relation OID {oid} arrived before its Relation message")]
+    UnknownRelation { oid: u32 },
+    #[error("table {table}: {message}")]
+    BadChange { table: String, message: String },
+}
+
+impl ApplyError {
+    /// Whether retrying (after reconnecting) may succeed without a person changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApplyError::Db(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send>>;
+
+/// Statements are cached per relation, statement kind and the set of columns they touch.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct StatementKey {
+    relation: u32,
+    kind: u8,
+    columns: Box<[u64]>,
+}
+
+fn column_mask(cols: &[usize]) -> Box<[u64]> {
+    let mut mask = vec![0u64; cols.iter().max().map_or(0, |m| m / 64 + 1)];
+    for &c in cols {
+        mask[c / 64] |= 1 << (c % 64);
+    }
+    mask.into_boxed_slice()
+}
+
+/// Inserts buffered for one COPY.
+struct CopyBuffer {
+    relation: u32,
+    data: BytesMut,
+    rows: u64,
+}
+
+/// The target transaction being filled.
+struct Batch {
+    started: Instant,
+    transactions: u64,
+    rows: u64,
+    /// End LSN and commit time of the last source transaction completed in this batch.
+    last_end_lsn: Option<(Lsn, i64)>,
+    /// Set by a TRUNCATE: commit after the current source transaction.
+    must_end: bool,
+}
+
+/// Flush the COPY buffer past this many bytes.
+const COPY_FLUSH_BYTES: usize = 4 << 20;
+/// Wait for the oldest result once this many statements are in flight.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Applies one direction's changes to its target.
+pub struct Applier {
+    client: Arc<Client>,
+    node: String,
+    label: String,
+    origin: String,
+    cfg: ApplyConfig,
+    metrics: Arc<Metrics>,
+    tables: HashMap<u32, TableMap>,
+    statements: HashMap<StatementKey, Statement>,
+    in_flight: VecDeque<InFlight>,
+    copy: Option<CopyBuffer>,
+    batch: Option<Batch>,
+    /// End LSN of the last source transaction committed on the target.
+    committed: Lsn,
+}
+
+impl Applier {
+    /// Connects to the target, sets the apply session up and claims the replication origin.
+    /// Returns the applier and the origin's durable progress (where streaming must resume).
+    pub async fn connect(
+        target: &NodeConfig,
+        direction: &Direction,
+        cfg: ApplyConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Applier, Lsn), ApplyError> {
+        let node = target.name.to_string();
+        let client = db::connect(target, &format!("pgduplex apply {}", direction.label())).await?;
+        let origin = direction.origin_name();
+        let setup = format!(
+            "SET session_replication_role = replica; SET synchronous_commit = off; \
+             SET lock_timeout = {}; SET DateStyle = ISO; SET IntervalStyle = postgres; \
+             SET extra_float_digits = 3; SET pgduplex.apply = on",
+            cfg.lock_timeout.as_millis()
+        );
+        client.batch_execute(&setup).await.map_err(|e| {
+            DbError::new(
+                &node,
+                "cannot set up the apply session (session_replication_role needs superuser or \
+                 GRANT SET ON PARAMETER session_replication_role)",
+                e,
+            )
+        })?;
+        let row = client
+            .query_opt("SELECT roident FROM pg_replication_origin WHERE roname = $1", &[&origin])
+            .await
+            .map_err(|e| DbError::new(&node, "cannot read pg_replication_origin", e))?;
+        if row.is_none() {
+            return Err(ApplyError::BadChange {
+                table: "-".into(),
+                message: format!("replication origin {origin} is missing on node {node}: run `pgduplex init`"),
+            });
+        }
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(|e| DbError::new(&node, format!("cannot claim replication origin {origin}"), e))?;
+        let progress: Option<String> = client
+            .query_one("SELECT pg_replication_origin_session_progress(false)::text", &[])
+            .await
+            .map_err(|e| DbError::new(&node, format!("cannot read progress of origin {origin}"), e))?
+            .get(0);
+        let committed = match progress {
+            Some(p) => p.parse().map_err(|_| ApplyError::BadChange {
+                table: "-".into(),
+                message: format!("origin {origin} reports progress {p:?}, not an LSN"),
+            })?,
+            None => Lsn::ZERO,
+        };
+        Ok((
+            Applier {
+                client: Arc::new(client),
+                node,
+                label: direction.label(),
+                origin,
+                cfg,
+                metrics,
+                tables: HashMap::new(),
+                statements: HashMap::new(),
+                in_flight: VecDeque::new(),
+                copy: None,
+                batch: None,
+                committed,
+            },
+            committed,
+        ))
+    }
+
+    /// End LSN of the last source transaction committed on the target (maybe not yet flushed).
+    pub fn committed_lsn(&self) -> Lsn {
+        self.committed
+    }
+
+    /// Whether a target transaction is open.
+    pub fn batch_open(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// When the open batch must be committed at the latest (its time cap).
+    pub fn batch_deadline(&self) -> Option<Instant> {
+        self.batch.as_ref().map(|b| b.started + self.cfg.batch_max_delay)
+    }
+
+    fn db_err(&self, context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyError + '_ {
+        let context = context.into();
+        move |e| ApplyError::Db(DbError::new(&self.node, context, e))
+    }
+
+    /// Opens a target transaction unless a batch is open. Called before a source
+    /// transaction's first change, so transactions with nothing to apply open nothing.
+    pub async fn begin_if_needed(&mut self) -> Result<(), ApplyError> {
+        if self.batch.is_none() {
+            self.client.batch_execute("BEGIN").await.map_err(self.db_err("cannot begin apply transaction"))?;
+            self.batch = Some(Batch { started: Instant::now(), transactions: 0, rows: 0, last_end_lsn: None, must_end: false });
+        }
+        Ok(())
+    }
+
+    /// A Relation message: (re)matches the source relation against the target's catalog.
+    pub async fn relation(&mut self, rel: &Relation) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
+        let rows = self
+            .client
+            .query(TARGET_COLUMNS_SQL, &[&rel.namespace, &rel.name])
+            .await
+            .map_err(self.db_err(format!("cannot read columns of {}.{}", rel.namespace, rel.name)))?;
+        let cols: Vec<TargetColumn> = rows
+            .iter()
+            .map(|r| TargetColumn { name: r.get(0), generated: r.get(1), identity_always: r.get(2) })
+            .collect();
+        let map = TableMap::resolve(rel, &cols)?;
+        self.statements.retain(|k, _| k.relation != rel.oid);
+        self.tables.insert(rel.oid, map);
+        Ok(())
+    }
+
+    fn table(&self, oid: u32) -> Result<&TableMap, ApplyError> {
+        self.tables.get(&oid).ok_or(ApplyError::UnknownRelation { oid })
+    }
+
+    fn count_row(&mut self) {
+        if let Some(b) = &mut self.batch {
+            b.rows += 1;
+        }
+    }
+
+    /// Buffers an insert for COPY.
+    pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        if self.copy.as_ref().is_some_and(|c| c.relation != ins.relation_oid) {
+            self.flush_copy().await?;
+        }
+        let table = self.tables.get(&ins.relation_oid).ok_or(ApplyError::UnknownRelation { oid: ins.relation_oid })?;
+        let copy = self.copy.get_or_insert_with(|| CopyBuffer { relation: ins.relation_oid, data: BytesMut::new(), rows: 0 });
+        let mut first = true;
+        for (i, value) in ins.new.columns.iter().enumerate() {
+            if table.columns.get(i).is_none_or(|c| c.is_none()) {
+                continue;
+            }
+            if !first {
+                copy.data.extend_from_slice(b"\t");
+            }
+            first = false;
+            match value {
+                ColumnValue::Null => copy_text::push_value(&mut copy.data, None),
+                ColumnValue::Text(b) => copy_text::push_value(&mut copy.data, Some(b)),
+                ColumnValue::UnchangedToast | ColumnValue::Binary(_) => {
+                    return Err(ApplyError::BadChange {
+                        table: table.display.clone(),
+                        message: format!("insert carries an unexpected {} value in column {}", kind_name(value), table.names[i]),
+                    });
+                }
+            }
+        }
+        if ins.new.columns.len() != table.columns.len() {
+            return Err(ApplyError::BadChange {
+                table: table.display.clone(),
+                message: format!("insert has {} columns, the relation {}", ins.new.columns.len(), table.columns.len()),
+            });
+        }
+        copy.data.extend_from_slice(b"\n");
+        copy.rows += 1;
+        let full = copy.data.len() >= COPY_FLUSH_BYTES;
+        self.count_row();
+        if full {
+            self.flush_copy().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered inserts as one COPY.
+    async fn flush_copy(&mut self) -> Result<(), ApplyError> {
+        let Some(copy) = self.copy.take() else { return Ok(()) };
+        self.drain().await?;
+        let table = self.table(copy.relation)?;
+        let sql = table.copy_sql();
+        let display = table.display.clone();
+        let client = self.client.clone();
+        let sink = client.copy_in::<_, Bytes>(&sql).await.map_err(self.db_err(format!("cannot start COPY into {display}")))?;
+        let mut sink = std::pin::pin!(sink);
+        sink.send(copy.data.freeze()).await.map_err(self.db_err(format!("COPY into {display} failed")))?;
+        let n = sink.as_mut().finish().await.map_err(self.db_err(format!("COPY into {display} failed")))?;
+        debug_assert_eq!(n, copy.rows);
+        Ok(())
+    }
+
+    /// The prepared statement for `key`, preparing `sql()` the first time.
+    async fn statement(&mut self, key: StatementKey, sql: impl FnOnce() -> String) -> Result<Statement, ApplyError> {
+        if let Some(s) = self.statements.get(&key) {
+            return Ok(s.clone());
+        }
+        let sql = sql();
+        let s = self.client.prepare(&sql).await.map_err(self.db_err(format!("cannot prepare {sql}")))?;
+        self.statements.insert(key, s.clone());
+        Ok(s)
+    }
+
+    /// Pipelines one statement; `expect_row` names the change when zero rows means the target
+    /// lacks a row the source had.
+    async fn pipeline(&mut self, stmt: Statement, params: Vec<TextValue>, expect_row: Option<(&'static str, String)>) -> Result<(), ApplyError> {
+        let client = self.client.clone();
+        let node = self.node.clone();
+        let metrics = self.metrics.clone();
+        let label = self.label.clone();
+        let mut fut: InFlight = Box::pin(async move {
+            let n = client
+                .execute_raw(&stmt, params.iter())
+                .await
+                .map_err(|e| ApplyError::Db(DbError::new(&node, "apply statement failed", e)))?;
+            if n == 0 {
+                if let Some((change, table)) = expect_row {
+                    metrics.missing_rows.with_label_values(&[&label]).inc();
+                    tracing::warn!(direction = %label, %table, change, "row not found on the target");
+                }
+            }
+            Ok(())
+        });
+        // The first poll sends the request, so statements reach the server in creation order.
+        if let Poll::Ready(r) = futures_util::poll!(fut.as_mut()) {
+            return r;
+        }
+        self.in_flight.push_back(fut);
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            if let Some(f) = self.in_flight.pop_front() {
+                f.await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every pipelined statement, in order.
+    async fn drain(&mut self) -> Result<(), ApplyError> {
+        while let Some(f) = self.in_flight.pop_front() {
+            if let Err(e) = f.await {
+                self.in_flight.clear();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The identity of the row an update/delete targets: the old key or old row when sent,
+    /// else the key columns of the new row (the key did not change).
+    fn identity<'a>(table: &TableMap, old: Option<&'a TupleData>, new: Option<&'a TupleData>) -> Result<(Vec<usize>, Vec<TextValue>), ApplyError> {
+        let tuple = old.or(new).ok_or_else(|| ApplyError::BadChange {
+            table: table.display.clone(),
+            message: "update/delete without key or old row".into(),
+        })?;
+        let mut cols = Vec::new();
+        let mut vals = Vec::new();
+        for &c in &table.key {
+            match tuple.columns.get(c) {
+                Some(ColumnValue::Text(b)) => {
+                    cols.push(c);
+                    vals.push(TextValue(Some(b.clone())));
+                }
+                Some(ColumnValue::Null) => {
+                    cols.push(c);
+                    vals.push(TextValue(None));
+                }
+                // With REPLICA IDENTITY FULL an unchanged TOAST value is not sent: leave it out.
+                Some(ColumnValue::UnchangedToast) if table.full_identity => {}
+                other => {
+                    return Err(ApplyError::BadChange {
+                        table: table.display.clone(),
+                        message: format!("key column {} is {}", table.names[c], other.map_or("missing", kind_name)),
+                    });
+                }
+            }
+        }
+        Ok((cols, vals))
+    }
+
+    /// Pipelines an UPDATE of the sent columns (unchanged TOAST values are left untouched).
+    pub async fn update(&mut self, up: &Update) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
+        let table = self.table(up.relation_oid)?;
+        let old = up.old_key.as_ref().or(up.old_row.as_ref());
+        let (id_cols, id_vals) = Self::identity(table, old, Some(&up.new))?;
+        let mut set = Vec::with_capacity(up.new.columns.len());
+        let mut params = Vec::with_capacity(up.new.columns.len() + id_vals.len());
+        for (i, v) in up.new.columns.iter().enumerate() {
+            if table.columns.get(i).is_none_or(|c| c.is_none()) || table.identity_always[i] {
+                continue;
+            }
+            match v {
+                ColumnValue::Null => params.push(TextValue(None)),
+                ColumnValue::Text(b) => params.push(TextValue(Some(b.clone()))),
+                ColumnValue::UnchangedToast => continue,
+                ColumnValue::Binary(_) => {
+                    return Err(ApplyError::BadChange { table: table.display.clone(), message: "binary value received".into() });
+                }
+            }
+            set.push(i);
+        }
+        if set.is_empty() {
+            self.count_row();
+            return Ok(());
+        }
+        params.extend(id_vals);
+        let mut columns = set.iter().map(|c| c * 2).collect::<Vec<_>>();
+        columns.extend(id_cols.iter().map(|c| c * 2 + 1));
+        let key = StatementKey { relation: up.relation_oid, kind: b'U', columns: column_mask(&columns) };
+        let display = table.display.clone();
+        let stmt = match self.statements.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let sql = table.update_sql(&set, &id_cols);
+                self.statement(key, || sql).await?
+            }
+        };
+        self.count_row();
+        self.pipeline(stmt, params, Some(("update", display))).await
+    }
+
+    /// Pipelines a DELETE.
+    pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
+        let table = self.table(del.relation_oid)?;
+        let old = del.old_key.as_ref().or(del.old_row.as_ref());
+        let (id_cols, params) = Self::identity(table, old, None)?;
+        let key = StatementKey { relation: del.relation_oid, kind: b'D', columns: column_mask(&id_cols) };
+        let display = table.display.clone();
+        let stmt = match self.statements.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let sql = table.delete_sql(&id_cols);
+                self.statement(key, || sql).await?
+            }
+        };
+        self.count_row();
+        self.pipeline(stmt, params, Some(("delete", display))).await
+    }
+
+    /// Applies a TRUNCATE; the batch then ends with this source transaction.
+    pub async fn truncate(&mut self, tr: &Truncate) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
+        self.drain().await?;
+        let maps: Vec<&TableMap> = tr.relation_oids.iter().map(|&o| self.table(o)).collect::<Result<_, _>>()?;
+        let sql = TableMap::truncate_sql(&maps, tr.cascade, tr.restart_identity);
+        self.client.batch_execute(&sql).await.map_err(self.db_err(sql.clone()))?;
+        if let Some(b) = &mut self.batch {
+            b.rows += tr.relation_oids.len() as u64;
+            b.must_end = true;
+        }
+        Ok(())
+    }
+
+    /// A source transaction ended. Returns whether the batch should be committed now (a cap
+    /// was reached); the caller also commits at the batch deadline and when the stream idles.
+    pub fn end_source_transaction(&mut self, commit: &Commit) -> bool {
+        let Some(b) = &mut self.batch else { return false };
+        b.transactions += 1;
+        b.last_end_lsn = Some((commit.end_lsn, commit.commit_time));
+        b.must_end || b.rows >= self.cfg.batch_max_rows as u64 || b.started.elapsed() >= self.cfg.batch_max_delay
+    }
+
+    /// Commits the open batch with the origin progress of its last source transaction.
+    pub async fn commit_batch(&mut self) -> Result<(), ApplyError> {
+        let Some(batch) = self.batch.take() else { return Ok(()) };
+        self.flush_copy().await?;
+        self.drain().await?;
+        let Some((end_lsn, commit_time)) = batch.last_end_lsn else {
+            // No source transaction completed (cannot happen: batches close at commit boundaries).
+            self.client.batch_execute("ROLLBACK").await.map_err(self.db_err("rollback"))?;
+            return Ok(());
+        };
+        debug_assert!(end_lsn >= self.committed, "origin progress must not go backwards");
+        let sql = format!(
+            "SELECT pg_replication_origin_xact_setup({}::pg_lsn, {}); COMMIT",
+            quote_literal(&end_lsn.to_string()),
+            pg_timestamp_literal(commit_time)
+        );
+        self.client.batch_execute(&sql).await.map_err(self.db_err("cannot commit apply transaction"))?;
+        self.committed = end_lsn;
+        let l = [self.label.as_str()];
+        self.metrics.applied_transactions.with_label_values(&l).inc_by(batch.transactions);
+        self.metrics.applied_changes.with_label_values(&l).inc_by(batch.rows);
+        self.metrics.apply_batch_transactions.with_label_values(&l).observe(batch.transactions as f64);
+        self.metrics.apply_batch_seconds.with_label_values(&l).observe(batch.started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Abandons the open batch (after an error the connection is dropped anyway).
+    pub fn abandon(&mut self) {
+        self.in_flight.clear();
+        self.copy = None;
+        self.batch = None;
+    }
+
+    /// Records an idle source position (no transaction pending) durably in the origin, so the
+    /// slot can be confirmed past WAL that held no transaction for us (DESIGN §5). A heartbeat
+    /// row is written because an empty transaction records nothing.
+    pub async fn record_idle_position(&mut self, lsn: Lsn, source: &str) -> Result<(), ApplyError> {
+        debug_assert!(self.batch.is_none());
+        if lsn <= self.committed {
+            return Ok(());
+        }
+        let sql = format!(
+            "BEGIN; INSERT INTO pgduplex.heartbeat AS h (source_node, lsn, at) VALUES ({src}, {l}::pg_lsn, now()) \
+             ON CONFLICT (source_node) DO UPDATE SET lsn = excluded.lsn, at = excluded.at; \
+             SELECT pg_replication_origin_xact_setup({l}::pg_lsn, now()); COMMIT",
+            src = quote_literal(source),
+            l = quote_literal(&lsn.to_string())
+        );
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(self.db_err("cannot record idle position in pgduplex.heartbeat")(e));
+        }
+        self.committed = lsn;
+        Ok(())
+    }
+
+    /// Flushes the target's WAL up to the last applied commit and returns the origin progress
+    /// that is now durable: the only LSN that may be reported to the source as flushed.
+    pub async fn flushed_progress(&mut self) -> Result<Lsn, ApplyError> {
+        self.drain().await?;
+        let row = self
+            .client
+            .query_one("SELECT pg_replication_origin_session_progress(true)::text", &[])
+            .await
+            .map_err(self.db_err(format!("cannot read progress of origin {}", self.origin)))?;
+        let v: Option<String> = row.get(0);
+        Ok(v.and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO))
+    }
+}
+
+fn kind_name(v: &ColumnValue) -> &'static str {
+    match v {
+        ColumnValue::Null => "NULL",
+        ColumnValue::UnchangedToast => "unchanged-TOAST",
+        ColumnValue::Text(_) => "text",
+        ColumnValue::Binary(_) => "binary",
+    }
+}

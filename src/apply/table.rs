@@ -1,0 +1,244 @@
+//! How a source relation maps onto its target table, and the SQL the apply runs for it.
+//!
+//! Relation messages carry column names but no attribute numbers, so columns are matched by
+//! name against the target's catalog, again on every Relation message (DESIGN §3). This module
+//! is pure: the catalog rows come in, SQL text comes out.
+
+use crate::db::{quote_ident, quote_literal};
+use crate::pgoutput::{Relation, ReplicaIdentity};
+
+use super::ApplyError;
+
+/// One column of the target table, as read from its catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetColumn {
+    pub name: String,
+    /// `GENERATED ALWAYS AS (...) STORED` (or virtual): never written.
+    pub generated: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`: inserts need `OVERRIDING SYSTEM VALUE`.
+    pub identity_always: bool,
+}
+
+/// A source relation resolved against the target table.
+#[derive(Clone, Debug)]
+pub struct TableMap {
+    /// `schema.table` for messages.
+    pub display: String,
+    /// Quoted `"schema"."table"` for SQL.
+    pub target: String,
+    /// Per source column (by position in the Relation message): the quoted target column name.
+    pub names: Vec<String>,
+    /// Per source column: `None` when the target column is generated and must not be
+    /// written, else the quoted name again.
+    pub columns: Vec<Option<String>>,
+    /// Positions of the replica identity columns (the primary key, or every column with
+    /// REPLICA IDENTITY FULL).
+    pub key: Vec<usize>,
+    /// Per source column: an identity column GENERATED ALWAYS on the target. UPDATE cannot
+    /// set such a column (only INSERT has OVERRIDING SYSTEM VALUE), and on the source an
+    /// UPDATE can only change it with `SET col = DEFAULT`, so updates leave it out.
+    pub identity_always: Vec<bool>,
+    /// REPLICA IDENTITY FULL: rows are found by comparing every old column.
+    pub full_identity: bool,
+    /// The target has an identity column declared GENERATED ALWAYS.
+    pub overriding_system_value: bool,
+}
+
+impl TableMap {
+    /// Matches `rel`'s columns by name against the target's; errors name the table and column.
+    pub fn resolve(rel: &Relation, target_columns: &[TargetColumn]) -> Result<TableMap, ApplyError> {
+        let display = format!("{}.{}", rel.namespace, rel.name);
+        if target_columns.is_empty() {
+            return Err(ApplyError::MissingTable { table: display });
+        }
+        let mut columns = Vec::with_capacity(rel.columns.len());
+        let mut names = Vec::with_capacity(rel.columns.len());
+        let mut identity_always = Vec::with_capacity(rel.columns.len());
+        let mut overriding = false;
+        for col in &rel.columns {
+            let t = target_columns.iter().find(|t| t.name == col.name).ok_or_else(|| ApplyError::MissingColumn {
+                table: display.clone(),
+                column: col.name.clone(),
+            })?;
+            names.push(quote_ident(&t.name));
+            identity_always.push(t.identity_always);
+            if t.generated {
+                columns.push(None);
+            } else {
+                overriding |= t.identity_always;
+                columns.push(Some(quote_ident(&t.name)));
+            }
+        }
+        let full_identity = rel.replica_identity == ReplicaIdentity::Full;
+        let key: Vec<usize> = rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect();
+        if key.is_empty() && !matches!(rel.replica_identity, ReplicaIdentity::Nothing) && !full_identity {
+            return Err(ApplyError::NoReplicaIdentity { table: display });
+        }
+        Ok(TableMap {
+            target: format!("{}.{}", quote_ident(&rel.namespace), quote_ident(&rel.name)),
+            display,
+            names,
+            columns,
+            identity_always,
+            key,
+            full_identity,
+            overriding_system_value: overriding,
+        })
+    }
+
+    /// `COPY "s"."t" ("a", "b") FROM STDIN` over the writable columns.
+    pub fn copy_sql(&self) -> String {
+        let cols: Vec<&str> = self.columns.iter().flatten().map(String::as_str).collect();
+        format!("COPY {} ({}) FROM STDIN", self.target, cols.join(", "))
+    }
+
+    /// `INSERT` of the writable columns, parameters in source column order (generated skipped).
+    pub fn insert_sql(&self) -> String {
+        let cols: Vec<&str> = self.columns.iter().flatten().map(String::as_str).collect();
+        let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+        format!(
+            "INSERT INTO {} ({}){} VALUES ({})",
+            self.target,
+            cols.join(", "),
+            if self.overriding_system_value { " OVERRIDING SYSTEM VALUE" } else { "" },
+            params.join(", ")
+        )
+    }
+
+    /// `UPDATE ... SET <set columns> WHERE <identity>`; parameters: the set columns' new values
+    /// in order, then the identity values (see [`TableMap::where_clause`]). `set` holds
+    /// writable columns only.
+    pub fn update_sql(&self, set: &[usize], identity: &[usize]) -> String {
+        debug_assert!(set.iter().all(|&c| self.columns[c].is_some()), "generated column in SET");
+        let assignments: Vec<String> = set
+            .iter()
+            .enumerate()
+            .map(|(p, &c)| format!("{} = ${}", self.names[c], p + 1))
+            .collect();
+        format!(
+            "UPDATE {} SET {} WHERE {}",
+            self.target,
+            assignments.join(", "),
+            self.where_clause(identity, set.len())
+        )
+    }
+
+    /// `DELETE ... WHERE <identity>`.
+    pub fn delete_sql(&self, identity: &[usize]) -> String {
+        format!("DELETE FROM {} WHERE {}", self.target, self.where_clause(identity, 0))
+    }
+
+    /// The row filter over the identity columns `identity`, parameters numbered after `offset`.
+    /// With a key it is `k1 = $n AND ...` (an index lookup). With REPLICA IDENTITY FULL it
+    /// compares every sent old column as text (types such as json have no equality operator)
+    /// and touches exactly one matching row, as the native apply worker does.
+    pub fn where_clause(&self, identity: &[usize], offset: usize) -> String {
+        let name = |c: usize| self.names[c].as_str();
+        if self.full_identity {
+            let conds: Vec<String> = identity
+                .iter()
+                .enumerate()
+                .map(|(p, &c)| format!("{}::text IS NOT DISTINCT FROM ${}::text", name(c), offset + p + 1))
+                .collect();
+            let conds = if conds.is_empty() { "true".to_string() } else { conds.join(" AND ") };
+            format!("ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1 FOR UPDATE)", self.target, conds)
+        } else {
+            identity
+                .iter()
+                .enumerate()
+                .map(|(p, &c)| format!("{} = ${}", name(c), offset + p + 1))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        }
+    }
+
+    /// `TRUNCATE ONLY` of several tables, as one statement (as the source ran it).
+    pub fn truncate_sql(tables: &[&TableMap], cascade: bool, restart_identity: bool) -> String {
+        let names: Vec<&str> = tables.iter().map(|t| t.target.as_str()).collect();
+        format!(
+            "TRUNCATE ONLY {}{}{}",
+            names.join(", "),
+            if restart_identity { " RESTART IDENTITY" } else { "" },
+            if cascade { " CASCADE" } else { "" }
+        )
+    }
+}
+
+/// The catalog query listing a target table's live columns; parameters: schema, table.
+pub const TARGET_COLUMNS_SQL: &str = "SELECT a.attname::text, a.attgenerated <> '' AS generated, \
+     a.attidentity = 'a' AS identity_always \
+     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+
+/// A literal for `pg_replication_origin_xact_setup`'s timestamp: µs since 2000-01-01 UTC.
+pub fn pg_timestamp_literal(micros_since_2000: i64) -> String {
+    format!(
+        "({}::timestamptz + {} * interval '1 microsecond')",
+        quote_literal("2000-01-01 00:00:00+00"),
+        micros_since_2000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::RelationColumn;
+
+    fn rel(identity: ReplicaIdentity, cols: &[(&str, bool)]) -> Relation {
+        Relation {
+            xid: None,
+            oid: 1,
+            namespace: "public".into(),
+            name: "T".into(),
+            replica_identity: identity,
+            columns: cols
+                .iter()
+                .map(|(n, k)| RelationColumn {
+                    flags: u8::from(*k),
+                    is_key: *k,
+                    name: n.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn tcol(name: &str, generated: bool) -> TargetColumn {
+        TargetColumn { name: name.into(), generated, identity_always: false }
+    }
+
+    #[test]
+    fn key_table_sql() {
+        let r = rel(ReplicaIdentity::Default, &[("id", true), ("v", false), ("g", false)]);
+        let m = TableMap::resolve(&r, &[tcol("id", false), tcol("v", false), tcol("g", true)]).unwrap();
+        assert_eq!(m.insert_sql(), r#"INSERT INTO "public"."T" ("id", "v") VALUES ($1, $2)"#);
+        assert_eq!(m.copy_sql(), r#"COPY "public"."T" ("id", "v") FROM STDIN"#);
+        assert_eq!(m.update_sql(&[1], &[0]), r#"UPDATE "public"."T" SET "v" = $1 WHERE "id" = $2"#);
+        assert_eq!(m.delete_sql(&[0]), r#"DELETE FROM "public"."T" WHERE "id" = $1"#);
+    }
+
+    #[test]
+    fn full_identity_touches_one_row() {
+        let r = rel(ReplicaIdentity::Full, &[("a", true), ("b", true)]);
+        let m = TableMap::resolve(&r, &[tcol("a", false), tcol("b", false)]).unwrap();
+        let sql = m.delete_sql(&[0, 1]);
+        assert!(sql.contains("LIMIT 1"), "{sql}");
+        assert!(sql.contains(r#""b"::text IS NOT DISTINCT FROM $2::text"#), "{sql}");
+    }
+
+    #[test]
+    fn errors_name_table_and_column() {
+        let r = rel(ReplicaIdentity::Default, &[("id", true), ("extra", false)]);
+        let e = TableMap::resolve(&r, &[tcol("id", false)]).unwrap_err().to_string();
+        assert!(e.contains("public.T") && e.contains("extra"), "{e}");
+        let e = TableMap::resolve(&r, &[]).unwrap_err().to_string();
+        assert!(e.contains("public.T"), "{e}");
+    }
+}

@@ -1,0 +1,365 @@
+//! The TOML configuration contract, validated once into typed values.
+//!
+//! ```toml
+//! [nodes.a]
+//! url = "postgresql://user:password@127.0.0.1:5432/app"
+//! [nodes.b]
+//! url = "postgresql://user:password@127.0.0.1:5433/app"
+//! [replication]
+//! direction = "a-to-b"
+//! tables = ["public.*"]
+//! [metrics]
+//! listen = "127.0.0.1:9187"
+//! ```
+//!
+//! Node names are the user's; they appear in slot, publication and origin names and in metric
+//! labels, so they are restricted to what is safe in all of those: `[a-z0-9_]`, at most 20 bytes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used; every variant names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid TOML for pgduplex: {message}")]
+    Parse { path: String, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// A node's name, as used in `[nodes.<name>]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(String);
+
+impl NodeName {
+    /// Validates a node name: 1-20 bytes of `[a-z0-9_]`, starting with a letter.
+    pub fn new(name: &str) -> Result<Self, ConfigError> {
+        let ok = !name.is_empty()
+            && name.len() <= 20
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if ok {
+            Ok(NodeName(name.to_string()))
+        } else {
+            Err(ConfigError::Invalid(format!(
+                "node name {name:?} must be 1-20 characters of a-z, 0-9 and '_', starting with a letter \
+                 (it becomes part of slot, publication and origin names)"
+            )))
+        }
+    }
+
+    /// The name as written in the config.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One database instance pgduplex replicates from or to.
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// The node's name from the config.
+    pub name: NodeName,
+    /// Parsed libpq-style connection settings (never logged: they may hold a password).
+    pub pg: tokio_postgres::Config,
+}
+
+impl fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password must never reach a log line.
+        f.debug_struct("NodeConfig")
+            .field("name", &self.name)
+            .field("host", &self.pg.get_hosts())
+            .field("port", &self.pg.get_ports())
+            .field("dbname", &self.pg.get_dbname())
+            .field("user", &self.pg.get_user())
+            .finish()
+    }
+}
+
+/// One replication direction: changes committed on `source` are applied to `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Direction {
+    pub source: NodeName,
+    pub target: NodeName,
+}
+
+impl Direction {
+    /// `a-to-b`: the label used in logs and metrics.
+    pub fn label(&self) -> String {
+        format!("{}-to-{}", self.source, self.target)
+    }
+    /// The logical replication slot on the source.
+    pub fn slot_name(&self) -> String {
+        format!("pgduplex_{}_to_{}", self.source, self.target)
+    }
+    /// The publication on the source listing the replicated tables.
+    pub fn publication_name(&self) -> String {
+        format!("pgduplex_{}_pub", self.source)
+    }
+    /// The replication origin on the target that tags our writes and records progress.
+    pub fn origin_name(&self) -> String {
+        format!("pgduplex_from_{}", self.source)
+    }
+}
+
+/// Apply tuning: how many source transactions may share one target transaction.
+#[derive(Clone, Debug)]
+pub struct ApplyConfig {
+    /// Close a batch once it holds this many changed rows (checked at source commit boundaries).
+    pub batch_max_rows: usize,
+    /// Close a batch once it has been open this long.
+    pub batch_max_delay: Duration,
+    /// `lock_timeout` of the apply session.
+    pub lock_timeout: Duration,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            batch_max_rows: 20_000,
+            batch_max_delay: Duration::from_millis(50),
+            lock_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub nodes: BTreeMap<NodeName, NodeConfig>,
+    pub directions: Vec<Direction>,
+    /// `schema.table` globs selecting the replicated tables on the source.
+    pub tables: Vec<glob::Pattern>,
+    pub apply: ApplyConfig,
+    /// Address of the /metrics and /healthz server; `None` disables it.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    nodes: Option<BTreeMap<String, RawNode>>,
+    replication: Option<RawReplication>,
+    #[serde(default)]
+    apply: RawApply,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    direction: String,
+    tables: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApply {
+    batch_max_rows: Option<usize>,
+    batch_max_delay_ms: Option<u64>,
+    lock_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validates config text (the path in errors is left empty; [`Config::load`] fills it).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            message: e.message().to_string(),
+        })?;
+        let raw_nodes = raw
+            .nodes
+            .ok_or_else(|| ConfigError::Invalid("missing [nodes.<name>] sections: two nodes are needed".into()))?;
+        if raw_nodes.len() != 2 {
+            return Err(ConfigError::Invalid(format!(
+                "exactly two [nodes.<name>] sections are needed, found {}",
+                raw_nodes.len()
+            )));
+        }
+        let mut nodes = BTreeMap::new();
+        for (name, node) in raw_nodes {
+            let name = NodeName::new(&name)?;
+            let pg = tokio_postgres::Config::from_str(&node.url).map_err(|e| {
+                ConfigError::Invalid(format!("nodes.{name}.url is not a valid PostgreSQL URL: {e}"))
+            })?;
+            if pg.get_hosts().is_empty() {
+                return Err(ConfigError::Invalid(format!("nodes.{name}.url names no host")));
+            }
+            if pg.get_dbname().is_none() {
+                return Err(ConfigError::Invalid(format!("nodes.{name}.url names no database")));
+            }
+            if pg.get_user().is_none() {
+                return Err(ConfigError::Invalid(format!("nodes.{name}.url names no user")));
+            }
+            nodes.insert(name.clone(), NodeConfig { name, pg });
+        }
+        let replication = raw
+            .replication
+            .ok_or_else(|| ConfigError::Invalid("missing [replication] section with `direction`".into()))?;
+        let directions = parse_direction(&replication.direction, &nodes)?;
+        let table_globs = replication.tables.unwrap_or_else(|| vec!["public.*".to_string()]);
+        if table_globs.is_empty() {
+            return Err(ConfigError::Invalid("replication.tables is empty: list at least one schema.table glob".into()));
+        }
+        let mut tables = Vec::new();
+        for g in &table_globs {
+            if !g.contains('.') {
+                return Err(ConfigError::Invalid(format!(
+                    "replication.tables entry {g:?} must be a schema.table glob, e.g. \"public.*\""
+                )));
+            }
+            tables.push(glob::Pattern::new(g).map_err(|e| {
+                ConfigError::Invalid(format!("replication.tables entry {g:?} is not a valid glob: {e}"))
+            })?);
+        }
+        let defaults = ApplyConfig::default();
+        let apply = ApplyConfig {
+            batch_max_rows: raw.apply.batch_max_rows.unwrap_or(defaults.batch_max_rows).max(1),
+            batch_max_delay: raw
+                .apply
+                .batch_max_delay_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.batch_max_delay),
+            lock_timeout: raw
+                .apply
+                .lock_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.lock_timeout),
+        };
+        let metrics_listen = match raw.metrics.listen.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
+            Some("") | Some("off") => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                ConfigError::Invalid(format!("metrics.listen {s:?} is not an address like \"127.0.0.1:9187\""))
+            })?),
+        };
+        Ok(Config { nodes, directions, tables, apply, metrics_listen })
+    }
+
+    /// The node called `name` (it exists: names are validated at load).
+    pub fn node(&self, name: &NodeName) -> &NodeConfig {
+        &self.nodes[name]
+    }
+
+    /// Whether a source table named `schema.table` is replicated.
+    pub fn table_selected(&self, schema: &str, table: &str) -> bool {
+        let qualified = format!("{schema}.{table}");
+        self.tables.iter().any(|p| p.matches(&qualified))
+    }
+}
+
+fn parse_direction(text: &str, nodes: &BTreeMap<NodeName, NodeConfig>) -> Result<Vec<Direction>, ConfigError> {
+    let names: Vec<&str> = nodes.keys().map(NodeName::as_str).collect();
+    if text == "both" {
+        return Err(ConfigError::Invalid(
+            "replication.direction = \"both\" (two-way replication) is not available in this version; \
+             use \"<from>-to-<to>\""
+                .into(),
+        ));
+    }
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "replication.direction {text:?} must be \"<from>-to-<to>\" with node names {names:?}, e.g. \"{}-to-{}\"",
+            names[0], names[1]
+        ))
+    };
+    let (from, to) = text.split_once("-to-").ok_or_else(bad)?;
+    let from = NodeName::new(from).map_err(|_| bad())?;
+    let to = NodeName::new(to).map_err(|_| bad())?;
+    if !nodes.contains_key(&from) || !nodes.contains_key(&to) || from == to {
+        return Err(bad());
+    }
+    Ok(vec![Direction { source: from, target: to }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [nodes.old]
+        url = "postgresql://u:secret@127.0.0.1:5432/app"
+        [nodes.new]
+        url = "postgresql://u@127.0.0.1:5433/app"
+        [replication]
+        direction = "old-to-new"
+    "#;
+
+    #[test]
+    fn parses_and_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.directions.len(), 1);
+        let d = &c.directions[0];
+        assert_eq!(d.slot_name(), "pgduplex_old_to_new");
+        assert_eq!(d.origin_name(), "pgduplex_from_old");
+        assert!(c.table_selected("public", "orders"));
+        assert!(!c.table_selected("audit", "orders"));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
+    }
+
+    #[test]
+    fn debug_never_shows_password() {
+        let c = Config::parse(GOOD).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn clear_errors() {
+        assert!(err(&GOOD.replace("old-to-new", "old-to-nowhere")).contains("replication.direction"));
+        assert!(err(&GOOD.replace("old-to-new", "both")).contains("two-way"));
+        assert!(err(&GOOD.replace("[nodes.new]", "[nodes.New]")).contains("node name"));
+        assert!(err(&GOOD.replace("127.0.0.1:5433/app", "127.0.0.1:notaport/app")).contains("nodes.new.url"));
+        assert!(err(&format!("{GOOD}\ntables = [\"orders\"]")).contains("schema.table"));
+        assert!(err(&format!("{GOOD}\n[metrics]\nlisten = \"nope\"")).contains("metrics.listen"));
+        assert!(err(&format!("{GOOD}\nbogus = 1")).contains("bogus"));
+        assert!(err("[replication]\ndirection='a-to-b'").contains("two nodes"));
+        assert!(err("not toml [").contains("TOML"));
+    }
+}

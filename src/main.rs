@@ -1,0 +1,165 @@
+//! The `pgduplex` command line: parse arguments, load the config, call into the library and
+//! turn errors into one clear line and an exit code (0 ok, 1 failure, 2 bad config or usage).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use pgduplex::config::Config;
+use pgduplex::metrics::{self, Metrics};
+use pgduplex::{pipeline, setup};
+
+/// Keeps two PostgreSQL databases in step through logical replication.
+#[derive(Parser)]
+#[command(name = "pgduplex", version, about)]
+struct Cli {
+    /// The TOML config file.
+    #[arg(long, short, global = true, default_value = "pgduplex.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check prerequisites on both nodes, then create publication, slot, origin and schema.
+    Init,
+    /// Stream changes until SIGINT/SIGTERM; serves /metrics and /healthz.
+    Run,
+    /// Remove what init created: slots first, then publications, origins and the schema.
+    Teardown,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGDUPLEX_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Init => init(config).await,
+            Command::Run => run(config).await,
+            Command::Teardown => teardown(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn init(config: Config) -> anyhow::Result<()> {
+    let report = setup::init(&config).await?;
+    for line in report.lines {
+        println!("{line}");
+    }
+    println!("init complete: start streaming with `pgduplex run`");
+    Ok(())
+}
+
+async fn teardown(config: Config) -> anyhow::Result<()> {
+    for line in setup::teardown(&config).await? {
+        println!("{line}");
+    }
+    println!("teardown complete");
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let labels: Vec<String> = config.directions.iter().map(|d| d.label()).collect();
+
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let mut rx = stop_rx.clone();
+            let shutdown = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            let listener = metrics::bind(addr).await?;
+            info!(%addr, "serving /metrics and /healthz");
+            Some(tokio::spawn(metrics::serve(listener, metrics.clone(), labels.clone(), shutdown)))
+        }
+        None => None,
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for d in config.directions.clone() {
+        tasks.spawn(pipeline::run_direction(config.clone(), d, metrics.clone(), stop_rx.clone()));
+    }
+
+    let mut outcome = Ok(());
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                info!("shutting down");
+                break;
+            }
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    error!(error = %e, "replication stopped");
+                    outcome = Err(anyhow::Error::new(e));
+                    break;
+                }
+                Some(Err(e)) => {
+                    outcome = Err(anyhow::anyhow!("a replication task failed: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(Err(e)) = joined {
+            error!(error = %e, "replication stopped");
+        }
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    outcome
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,519 @@
+//! One replication direction: stream -> decode -> apply, in source commit order, with progress.
+//!
+//! Why the positions reported to the source are safe:
+//! - `flush` (and `apply`) is the origin progress after `pg_replication_origin_session_progress
+//!   (true)` flushed the target's WAL: every source transaction up to it is durable on the
+//!   target, so the source may forget it.
+//! - `write` is the end of the last source transaction handed to the applier; it only moves
+//!   forward and is never below `flush`.
+//! - When nothing is open or buffered, a keepalive's `wal_end` is recorded durably in the
+//!   origin (a heartbeat row, see [`Applier::record_idle_position`]) and only then confirmed,
+//!   so an idle slot keeps advancing without ever claiming more than the target holds.
+//! - At start, `confirmed_flush_lsn > origin progress` would mean the source discarded
+//!   transactions we never applied: we refuse to start instead of skipping them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::apply::{ApplyError, Applier};
+use crate::config::{Config, Direction};
+use crate::db::{self, DbError};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, DecodeContext, DecodeError, Message, RelationCache};
+use crate::protocol::{ConnectParams, ProtocolError, ReplicationClient, ReplicationMessage, ReplicationStream};
+
+/// Why a direction stopped streaming.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{direction}: replication connection to node {node}: {source}")]
+    Protocol { direction: String, node: String, source: ProtocolError },
+    #[error("{direction}: cannot decode pgoutput message at {lsn}: {source}")]
+    Decode { direction: String, lsn: Lsn, source: DecodeError },
+    #[error("{direction}: {source}")]
+    Apply { direction: String, source: ApplyError },
+    #[error("{direction}: {source}")]
+    Db { direction: String, source: DbError },
+    #[error("{direction}: protocol violation at {lsn}: {message}")]
+    Violation { direction: String, lsn: Lsn, message: String },
+    /// Needs a person: retrying cannot help (missing slot, lost slot, a gap in the stream).
+    #[error("{direction}: {message}")]
+    Fatal { direction: String, message: String },
+}
+
+impl PipelineError {
+    /// Errors after which the process should stop rather than reconnect.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, PipelineError::Fatal { .. })
+    }
+
+    /// The `kind` label of `pgduplex_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Protocol { .. } => "source",
+            PipelineError::Decode { .. } | PipelineError::Violation { .. } => "protocol",
+            PipelineError::Apply { .. } => "apply",
+            PipelineError::Db { .. } => "target",
+            PipelineError::Fatal { .. } => "fatal",
+        }
+    }
+}
+
+/// Runs one direction until shutdown, reconnecting with backoff after errors. Returns an error
+/// only for fatal problems.
+pub async fn run_direction(
+    config: Arc<Config>,
+    direction: Direction,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let label = direction.label();
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = stream_once(&config, &direction, &metrics, &mut shutdown).await;
+        metrics.pipeline_up.with_label_values(&[&label]).set(0);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_fatal() => {
+                metrics.errors.with_label_values(&[label.as_str(), e.kind()]).inc();
+                return Err(e);
+            }
+            Err(e) => {
+                metrics.errors.with_label_values(&[label.as_str(), e.kind()]).inc();
+                metrics.reconnects.with_label_values(&[&label]).inc();
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(250);
+                }
+                error!(direction = %label, error = %e, retry_in = ?backoff, "replication stopped; reconnecting");
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The transaction being received.
+struct OpenTransaction {
+    final_lsn: Lsn,
+    /// Our own write coming back: its changes are dropped.
+    echo: bool,
+}
+
+struct State<'a> {
+    direction: &'a Direction,
+    label: String,
+    metrics: &'a Metrics,
+    applier: Applier,
+    relations: RelationCache,
+    ctx: DecodeContext,
+    open: Option<OpenTransaction>,
+    /// Origin name whose transactions on the source are our own applied writes.
+    echo_origin: String,
+    /// Highest WAL end the server told us about.
+    server_wal_end: Lsn,
+    /// Highest source commit end handed to the applier.
+    write_lsn: Lsn,
+    /// Origin progress known durable on the target.
+    flushed: Lsn,
+    last_commit_time: i64,
+    last_idle_record: Instant,
+}
+
+async fn stream_once(
+    config: &Config,
+    direction: &Direction,
+    metrics: &Arc<Metrics>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let label = direction.label();
+    let source = config.node(&direction.source);
+    let target = config.node(&direction.target);
+    let slot = direction.slot_name();
+    let fatal = |message: String| PipelineError::Fatal { direction: label.clone(), message };
+    let db_err = |source: DbError| PipelineError::Db { direction: label.clone(), source };
+    let proto_err = |source: ProtocolError| PipelineError::Protocol {
+        direction: label.clone(),
+        node: direction.source.to_string(),
+        source,
+    };
+
+    let (applier, origin_progress) = Applier::connect(target, direction, config.apply.clone(), metrics.clone())
+        .await
+        .map_err(|source| match source {
+            ApplyError::BadChange { message, .. } => fatal(message),
+            source => PipelineError::Apply { direction: label.clone(), source },
+        })?;
+
+    let source_sql = db::connect(source, &format!("pgduplex monitor {label}")).await.map_err(db_err)?;
+    let wal_sender_timeout_ms: i64 = source_sql
+        .query_one("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'", &[])
+        .await
+        .map_err(|e| db_err(DbError::new(source.name.as_str(), "cannot read wal_sender_timeout", e)))?
+        .get(0);
+    let confirmed = read_slot(&source_sql, source.name.as_str(), &slot).await.map_err(db_err)?;
+    let Some((confirmed_flush, wal_status)) = confirmed else {
+        return Err(fatal(format!(
+            "replication slot {slot} does not exist on node {}: run `pgduplex init`",
+            direction.source
+        )));
+    };
+    if wal_status.as_deref() == Some("lost") {
+        return Err(fatal(format!(
+            "replication slot {slot} on node {} has lost WAL it needed (wal_status = lost): the target can no \
+             longer be kept in step; run `pgduplex teardown` and start over with a fresh copy",
+            direction.source
+        )));
+    }
+    if origin_progress == Lsn::ZERO {
+        return Err(fatal(format!(
+            "replication origin {} on node {} has no progress: run `pgduplex init`",
+            direction.origin_name(),
+            direction.target
+        )));
+    }
+    if confirmed_flush > origin_progress {
+        return Err(fatal(format!(
+            "slot {slot} on node {} is confirmed up to {confirmed_flush} but node {} has applied only up to \
+             {origin_progress}: transactions in between are lost to pgduplex. Refusing to skip them; \
+             resynchronise the tables (verify/repair) and re-run init",
+            direction.source, direction.target
+        )));
+    }
+
+    let params = ConnectParams::from_config(&source.pg, &format!("pgduplex stream {label}")).map_err(proto_err)?;
+    let mut repl = ReplicationClient::connect(&params).await.map_err(proto_err)?;
+    // Text output of every value in a form any version's input functions read back exactly.
+    repl.simple_query("SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3")
+        .await
+        .map_err(proto_err)?;
+    let version = repl.server_version_num();
+    let proto_version: u32 = match version {
+        v if v >= 160000 => 4,
+        v if v >= 150000 => 3,
+        v if v >= 140000 => 2,
+        _ => 1,
+    };
+    let proto = proto_version.to_string();
+    let publication = direction.publication_name();
+    let mut options: Vec<(&str, &str)> =
+        vec![("proto_version", &proto), ("publication_names", &publication), ("messages", "false")];
+    if version >= 160000 {
+        // Filter echoes ourselves by exact origin name on every version (DESIGN §4).
+        options.push(("origin", "any"));
+    }
+    let mut stream = repl.start_logical_replication(&slot, origin_progress, &options).await.map_err(proto_err)?;
+    // The server silently starts at confirmed_flush_lsn when that is past the requested point.
+    if let Some((confirmed_now, _)) = read_slot(&source_sql, source.name.as_str(), &slot).await.map_err(db_err)? {
+        if confirmed_now > origin_progress {
+            return Err(fatal(format!(
+                "slot {slot} moved to {confirmed_now}, past this node's progress {origin_progress}, while starting"
+            )));
+        }
+    }
+    info!(direction = %label, %slot, start_lsn = %origin_progress, proto_version, "streaming");
+    metrics.pipeline_up.with_label_values(&[&label]).set(1);
+
+    let status_interval = Duration::from_millis(
+        (u64::try_from(wal_sender_timeout_ms).unwrap_or(0) / 2).clamp(100, 1000),
+    );
+    let mut status_tick = tokio::time::interval(status_interval);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut slot_tick = tokio::time::interval(Duration::from_secs(10));
+    slot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut st = State {
+        direction,
+        label: label.clone(),
+        metrics,
+        applier,
+        relations: RelationCache::default(),
+        ctx: DecodeContext { protocol_version: proto_version, in_streamed_transaction: false },
+        open: None,
+        echo_origin: Direction { source: direction.target.clone(), target: direction.source.clone() }.origin_name(),
+        server_wal_end: origin_progress,
+        write_lsn: origin_progress,
+        flushed: origin_progress,
+        last_commit_time: 0,
+        last_idle_record: Instant::now(),
+    };
+
+    let result: Result<(), PipelineError> = async {
+        loop {
+            let deadline = match (&st.open, st.applier.batch_deadline()) {
+                (None, Some(d)) => Some(d),
+                _ => None,
+            };
+            // Priority: shutdown > batch deadline > new WAL > status update > slot monitor.
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if st.open.is_none() {
+                        st.applier.commit_batch().await.map_err(|e| st.apply_err(e))?;
+                    }
+                    st.send_status(&mut stream, false).await?;
+                    let _ = stream.close().await;
+                    info!(direction = %st.label, "stopped");
+                    return Ok(());
+                }
+                _ = sleep_until_opt(deadline) => {
+                    st.applier.commit_batch().await.map_err(|e| st.apply_err(e))?;
+                }
+                msg = stream.next() => {
+                    match msg.map_err(proto_err)? {
+                        None => return Err(PipelineError::Protocol {
+                            direction: st.label.clone(),
+                            node: st.direction.source.to_string(),
+                            source: ProtocolError::Protocol("server ended the replication stream".into()),
+                        }),
+                        Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
+                            st.server_wal_end = st.server_wal_end.max(wal_end);
+                            st.handle_xlogdata(wal_start, &data).await?;
+                        }
+                        Some(ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. }) => {
+                            st.server_wal_end = st.server_wal_end.max(wal_end);
+                            st.on_keepalive(wal_end).await?;
+                            if reply_requested {
+                                st.send_status(&mut stream, false).await?;
+                            }
+                        }
+                    }
+                }
+                _ = status_tick.tick() => {
+                    st.send_status(&mut stream, false).await?;
+                }
+                _ = slot_tick.tick() => {
+                    match read_slot_usage(&source_sql, &slot).await {
+                        Ok(Some((retained, status))) => {
+                            st.metrics.slot_retained_wal_bytes.with_label_values(&[&st.label]).set(retained);
+                            if status.as_deref() == Some("lost") {
+                                return Err(PipelineError::Fatal {
+                                    direction: st.label.clone(),
+                                    message: format!("replication slot {slot} lost WAL it needed (wal_status = lost)"),
+                                });
+                            }
+                        }
+                        Ok(None) => return Err(PipelineError::Fatal {
+                            direction: st.label.clone(),
+                            message: format!("replication slot {slot} was dropped on node {}", st.direction.source),
+                        }),
+                        Err(e) => warn!(direction = %st.label, error = %crate::db::describe(&e), "cannot read slot usage"),
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if result.is_err() {
+        st.applier.abandon();
+    }
+    result
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The slot's confirmed_flush_lsn and wal_status, or `None` when the slot does not exist.
+async fn read_slot(client: &tokio_postgres::Client, node: &str, slot: &str) -> Result<Option<(Lsn, Option<String>)>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| DbError::new(node, format!("cannot read replication slot {slot}"), e))?;
+    Ok(row.map(|r| {
+        let lsn: Option<String> = r.get(0);
+        (lsn.and_then(|l| l.parse().ok()).unwrap_or(Lsn::ZERO), r.get(1))
+    }))
+}
+
+async fn read_slot_usage(client: &tokio_postgres::Client, slot: &str) -> Result<Option<(i64, Option<String>)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT COALESCE((pg_current_wal_lsn() - restart_lsn)::bigint, 0), wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+impl State<'_> {
+    fn apply_err(&self, source: ApplyError) -> PipelineError {
+        PipelineError::Apply { direction: self.label.clone(), source }
+    }
+
+    fn violation(&self, lsn: Lsn, message: impl Into<String>) -> PipelineError {
+        PipelineError::Violation { direction: self.label.clone(), lsn, message: message.into() }
+    }
+
+    async fn handle_xlogdata(&mut self, lsn: Lsn, data: &bytes::Bytes) -> Result<(), PipelineError> {
+        let msg = pgoutput::decode(data, &self.ctx).map_err(|source| PipelineError::Decode {
+            direction: self.label.clone(),
+            lsn,
+            source,
+        })?;
+        let a = |s: &Self, e| s.apply_err(e);
+        match msg {
+            Message::Begin(b) => {
+                if self.open.is_some() {
+                    return Err(self.violation(lsn, "Begin inside an open transaction"));
+                }
+                self.open = Some(OpenTransaction { final_lsn: b.final_lsn, echo: false });
+            }
+            Message::Origin(o) => {
+                let Some(open) = &mut self.open else {
+                    return Err(self.violation(lsn, "Origin outside a transaction"));
+                };
+                open.echo = o.name == self.echo_origin;
+            }
+            Message::Relation(rel) => {
+                self.applier.relation(&rel).await.map_err(|e| a(self, e))?;
+                self.relations.update(rel);
+            }
+            Message::Type(_) | Message::LogicalMessage(_) => {}
+            Message::Insert(ins) => {
+                if self.change_wanted(lsn)? {
+                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                    self.applier.insert(&ins).await.map_err(|e| a(self, e))?;
+                }
+            }
+            Message::Update(up) => {
+                if self.change_wanted(lsn)? {
+                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                    self.applier.update(&up).await.map_err(|e| a(self, e))?;
+                }
+            }
+            Message::Delete(del) => {
+                if self.change_wanted(lsn)? {
+                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                    self.applier.delete(&del).await.map_err(|e| a(self, e))?;
+                }
+            }
+            Message::Truncate(tr) => {
+                if self.change_wanted(lsn)? {
+                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                    self.applier.truncate(&tr).await.map_err(|e| a(self, e))?;
+                }
+            }
+            Message::Commit(c) => {
+                let Some(open) = self.open.take() else {
+                    return Err(self.violation(lsn, "Commit outside a transaction"));
+                };
+                if c.commit_lsn != open.final_lsn {
+                    return Err(self.violation(
+                        lsn,
+                        format!("Commit LSN {} differs from Begin's final LSN {}", c.commit_lsn, open.final_lsn),
+                    ));
+                }
+                if open.echo {
+                    self.metrics.echoes_dropped.with_label_values(&[&self.label]).inc();
+                }
+                self.write_lsn = self.write_lsn.max(c.end_lsn);
+                self.last_commit_time = c.commit_time;
+                if self.applier.end_source_transaction(&c) {
+                    self.applier.commit_batch().await.map_err(|e| a(self, e))?;
+                }
+            }
+            other => {
+                return Err(self.violation(
+                    lsn,
+                    format!("unexpected {} message: streaming and two-phase were not requested", message_name(&other)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a change inside the open transaction should be applied (not an echo).
+    fn change_wanted(&self, lsn: Lsn) -> Result<bool, PipelineError> {
+        match &self.open {
+            None => Err(self.violation(lsn, "change outside a transaction")),
+            Some(t) => Ok(!t.echo),
+        }
+    }
+
+    /// A keepalive while idle: record its position durably so the slot can advance.
+    async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<(), PipelineError> {
+        let idle = self.open.is_none() && !self.applier.batch_open();
+        if idle && wal_end > self.applier.committed_lsn() && self.last_idle_record.elapsed() >= Duration::from_secs(1) {
+            self.applier
+                .record_idle_position(wal_end, self.direction.source.as_str())
+                .await
+                .map_err(|e| self.apply_err(e))?;
+            self.write_lsn = self.write_lsn.max(wal_end);
+            self.last_idle_record = Instant::now();
+            debug!(direction = %self.label, lsn = %wal_end, "recorded idle position");
+        }
+        Ok(())
+    }
+
+    /// Sends a standby status update with the durable origin progress as flush position.
+    async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), PipelineError> {
+        if self.applier.committed_lsn() > self.flushed {
+            let p = self.applier.flushed_progress().await.map_err(|e| self.apply_err(e))?;
+            debug_assert!(p >= self.flushed, "origin progress went backwards");
+            self.flushed = self.flushed.max(p);
+        }
+        let write = self.write_lsn.max(self.flushed);
+        stream
+            .send_standby_status(write, self.flushed, self.flushed, reply)
+            .await
+            .map_err(|source| PipelineError::Protocol {
+                direction: self.label.clone(),
+                node: self.direction.source.to_string(),
+                source,
+            })?;
+        let committed = self.applier.committed_lsn();
+        let behind = self.open.is_some() || self.applier.batch_open() || self.server_wal_end > committed;
+        self.metrics
+            .lag_bytes
+            .with_label_values(&[&self.label])
+            .set(i64::try_from(committed.bytes_until(self.server_wal_end)).unwrap_or(i64::MAX));
+        let lag_s = if behind && self.last_commit_time != 0 {
+            ((crate::protocol::pg_epoch_micros_now() - self.last_commit_time) as f64 / 1e6).max(0.0)
+        } else {
+            0.0
+        };
+        self.metrics.lag_seconds.with_label_values(&[&self.label]).set(lag_s);
+        Ok(())
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Begin(_) => "Begin",
+        Message::Commit(_) => "Commit",
+        Message::Origin(_) => "Origin",
+        Message::Relation(_) => "Relation",
+        Message::Type(_) => "Type",
+        Message::Insert(_) => "Insert",
+        Message::Update(_) => "Update",
+        Message::Delete(_) => "Delete",
+        Message::Truncate(_) => "Truncate",
+        Message::LogicalMessage(_) => "Message",
+        Message::StreamStart { .. } => "Stream Start",
+        Message::StreamStop => "Stream Stop",
+        Message::StreamCommit { .. } => "Stream Commit",
+        Message::StreamAbort { .. } => "Stream Abort",
+        Message::BeginPrepare { .. } => "Begin Prepare",
+        Message::Prepare { .. } => "Prepare",
+        Message::CommitPrepared { .. } => "Commit Prepared",
+        Message::RollbackPrepared { .. } => "Rollback Prepared",
+        Message::StreamPrepare { .. } => "Stream Prepare",
+    }
+}

@@ -1,0 +1,209 @@
+//! `init` and `teardown`: check prerequisites on both nodes, install and remove what
+//! replication needs (publication, slot, origin, the `pgduplex` schema).
+
+mod checks;
+
+use std::fmt;
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use crate::config::{Config, Direction};
+use crate::db::{self, DbError, quote_ident};
+use crate::lsn::Lsn;
+
+pub use checks::{Problem, SourceTable, check_direction};
+
+/// The schema installed on every node that receives changes.
+pub const TARGET_SCHEMA_SQL: &str = include_str!("../../sql/target_schema.sql");
+
+/// Why init or teardown failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{}", Problems(.0))]
+    Prerequisites(Vec<Problem>),
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} problem(s) must be fixed before replication can start:", self.0.len())?;
+        for p in self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `init` did, for the report printed to the user.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub lines: Vec<String>,
+}
+
+/// Checks every prerequisite of every direction, reports all problems at once, and only then
+/// creates publications, slots, origins and the `pgduplex` schema. Safe to run again.
+pub async fn init(config: &Config) -> Result<InitReport, SetupError> {
+    let mut report = InitReport::default();
+    let mut problems = Vec::new();
+    let mut plans = Vec::new();
+    for d in &config.directions {
+        let source = db::connect(config.node(&d.source), "pgduplex init").await?;
+        let target = db::connect(config.node(&d.target), "pgduplex init").await?;
+        let (tables, mut p) = check_direction(config, d, &source, &target).await?;
+        problems.append(&mut p);
+        plans.push((d.clone(), source, target, tables));
+    }
+    if !problems.is_empty() {
+        return Err(SetupError::Prerequisites(problems));
+    }
+    for (d, source, target, tables) in plans {
+        install_direction(&d, &source, &target, &tables, &mut report).await?;
+    }
+    Ok(report)
+}
+
+async fn install_direction(
+    d: &Direction,
+    source: &Client,
+    target: &Client,
+    tables: &[SourceTable],
+    report: &mut InitReport,
+) -> Result<(), SetupError> {
+    let (src, tgt) = (d.source.as_str(), d.target.as_str());
+    target
+        .batch_execute(TARGET_SCHEMA_SQL)
+        .await
+        .map_err(|e| DbError::new(tgt, "cannot install the pgduplex schema", e))?;
+
+    let publication = d.publication_name();
+    let list = tables.iter().map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))).collect::<Vec<_>>().join(", ");
+    let exists = source
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(|e| DbError::new(src, "cannot read pg_publication", e))?
+        .is_some();
+    let sql = if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(&publication))
+    } else {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
+            quote_ident(&publication)
+        )
+    };
+    source.batch_execute(&sql).await.map_err(|e| DbError::new(src, format!("cannot create publication {publication}"), e))?;
+    report.lines.push(format!(
+        "node {src}: publication {publication} {} with {} table(s)",
+        if exists { "updated" } else { "created" },
+        tables.len()
+    ));
+
+    let origin = d.origin_name();
+    let origin_exists = target
+        .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
+        .await
+        .map_err(|e| DbError::new(tgt, "cannot read pg_replication_origin", e))?
+        .is_some();
+    if !origin_exists {
+        target
+            .execute("SELECT pg_replication_origin_create($1)", &[&origin])
+            .await
+            .map_err(|e| DbError::new(tgt, format!("cannot create replication origin {origin}"), e))?;
+        report.lines.push(format!("node {tgt}: replication origin {origin} created"));
+    }
+
+    let slot = d.slot_name();
+    let slot_exists = source
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| DbError::new(src, "cannot read pg_replication_slots", e))?
+        .is_some();
+    if slot_exists {
+        report.lines.push(format!("node {src}: replication slot {slot} already exists, kept"));
+    } else {
+        let lsn: String = source
+            .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+            .await
+            .map_err(|e| DbError::new(src, format!("cannot create replication slot {slot}"), e))?
+            .get(0);
+        // Streaming starts at the slot's consistent point: record it as the origin's progress so
+        // that a slot confirmed past the origin always means a real gap.
+        target
+            .execute("SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)", &[&origin, &lsn])
+            .await
+            .map_err(|e| DbError::new(tgt, format!("cannot set progress of origin {origin}"), e))?;
+        let lsn: Lsn = lsn.parse().unwrap_or(Lsn::ZERO);
+        report.lines.push(format!("node {src}: replication slot {slot} created at {lsn}"));
+        info!(%slot, %lsn, "replication slot created");
+    }
+    Ok(())
+}
+
+/// Removes what `init` created, slot first (a forgotten slot fills the source's disk). Objects
+/// already gone are skipped; a node that cannot be reached is an error naming it.
+pub async fn teardown(config: &Config) -> Result<Vec<String>, SetupError> {
+    let mut lines = Vec::new();
+    for d in &config.directions {
+        let (src, tgt) = (d.source.as_str(), d.target.as_str());
+        let source = db::connect(config.node(&d.source), "pgduplex teardown").await?;
+        let slot = d.slot_name();
+        // A walsender may still hold the slot for a moment after `run` stopped.
+        source
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| DbError::new(src, "cannot stop the walsender of the slot", e))?;
+        let mut dropped = false;
+        for _ in 0..50 {
+            match source
+                .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                .await
+            {
+                Ok(n) => {
+                    dropped = n > 0;
+                    break;
+                }
+                Err(e) if e.code().map(|c| c.code()) == Some("55006") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(DbError::new(src, format!("cannot drop replication slot {slot}"), e).into()),
+            }
+        }
+        if dropped {
+            lines.push(format!("node {src}: replication slot {slot} dropped"));
+        }
+        let publication = d.publication_name();
+        let n = source
+            .execute("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+            .await
+            .map_err(|e| DbError::new(src, "cannot read pg_publication", e))?;
+        if n > 0 {
+            source
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&publication)))
+                .await
+                .map_err(|e| DbError::new(src, format!("cannot drop publication {publication}"), e))?;
+            lines.push(format!("node {src}: publication {publication} dropped"));
+        }
+
+        let target = db::connect(config.node(&d.target), "pgduplex teardown").await?;
+        let origin = d.origin_name();
+        let n = target
+            .execute("SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1", &[&origin])
+            .await
+            .map_err(|e| DbError::new(tgt, format!("cannot drop replication origin {origin} (is `pgduplex run` still running?)"), e))?;
+        if n > 0 {
+            lines.push(format!("node {tgt}: replication origin {origin} dropped"));
+        }
+        target
+            .batch_execute("DROP SCHEMA IF EXISTS pgduplex CASCADE")
+            .await
+            .map_err(|e| DbError::new(tgt, "cannot drop schema pgduplex", e))?;
+        lines.push(format!("node {tgt}: schema pgduplex dropped"));
+    }
+    Ok(lines)
+}
