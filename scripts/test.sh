@@ -4,7 +4,9 @@
 # and throughput tests move a million rows; debug builds make them crawl).
 #
 #   bash scripts/test.sh                 # everything
-#   bash scripts/test.sh --test harness  # extra args go to `cargo test` as given
+#   bash scripts/test.sh --test harness  # extra args go to `cargo test` (a target flag replaces
+#                                        # --all-targets)
+#   bash scripts/test.sh -- --nocapture  # args after -- go to the test binaries
 #
 # PGDUPLEX_PG15_BIN / PGDUPLEX_PG18_BIN, when already set, win over the installed defaults.
 set -euo pipefail
@@ -22,4 +24,17 @@ export PGDUPLEX_PG15_BIN PGDUPLEX_PG18_BIN
 echo "test.sh: PGDUPLEX_PG15_BIN=$PGDUPLEX_PG15_BIN" >&2
 echo "test.sh: PGDUPLEX_PG18_BIN=$PGDUPLEX_PG18_BIN" >&2
 
-exec cargo test --release --all-targets "$@"
+# Every target by default; when the caller picks targets (--test harness, --lib, ...), only those:
+# cargo would otherwise run --all-targets *and* the picked ones.
+targets=(--all-targets)
+for arg in "$@"; do
+    case $arg in
+        --) break ;;
+        --lib | --bin | --bin=* | --bins | --test | --test=* | --tests | --bench | --bench=* \
+            | --benches | --example | --example=* | --examples | --doc | --all-targets)
+            targets=()
+            break
+            ;;
+    esac
+done
+exec cargo test --release "${targets[@]}" "$@"

@@ -52,7 +52,7 @@ mod tests {
 
     #[test]
     fn formats_like_postgres() {
-        assert_eq!(Lsn(0x1_6B37_48).to_string(), "0/16B3748");
+        assert_eq!(Lsn(0x016B_3748).to_string(), "0/16B3748");
         assert_eq!(Lsn((5u64 << 32) | 0xA).to_string(), "5/A");
         assert_eq!("0/16B3748".parse::<Lsn>().unwrap(), Lsn(0x16B3748));
         assert!("16B3748".parse::<Lsn>().is_err());

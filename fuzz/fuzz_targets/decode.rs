@@ -18,7 +18,9 @@ use libfuzzer_sys::fuzz_target;
 use pgduplex::pgoutput::{DecodeContext, Message, RelationCache, decode, encode};
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&selector, mut rest)) = input.split_first() else { return };
+    let Some((&selector, mut rest)) = input.split_first() else {
+        return;
+    };
     let mut ctx = DecodeContext {
         protocol_version: u32::from(selector & 0b111),
         in_streamed_transaction: selector & 0b1000 != 0,
@@ -28,10 +30,16 @@ fuzz_target!(|input: &[u8]| {
         let len = usize::from(u16::from_be_bytes(*len)).min(tail.len());
         let (message, tail) = tail.split_at(len);
         rest = tail;
-        let Ok(decoded) = decode(&Bytes::copy_from_slice(message), &ctx) else { continue };
+        let Ok(decoded) = decode(&Bytes::copy_from_slice(message), &ctx) else {
+            continue;
+        };
 
         let again = decode(&Bytes::from(encode(&decoded, &ctx)), &ctx);
-        assert_eq!(again.as_ref(), Ok(&decoded), "re-encoding changed the message");
+        assert_eq!(
+            again.as_ref(),
+            Ok(&decoded),
+            "re-encoding changed the message"
+        );
 
         match decoded {
             Message::StreamStart(_) => ctx.in_streamed_transaction = true,

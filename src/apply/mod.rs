@@ -20,7 +20,7 @@ mod copy_text;
 mod table;
 mod text_value;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -75,6 +75,8 @@ struct StatementKey {
     relation: u32,
     kind: u8,
     columns: Box<[u64]>,
+    /// Rows per statement (multi-row UPDATE/DELETE), 1 otherwise.
+    rows: usize,
 }
 
 fn column_mask(cols: &[usize]) -> Box<[u64]> {
@@ -91,6 +93,21 @@ struct CopyBuffer {
     data: BytesMut,
     rows: u64,
 }
+
+/// Updates (or deletes) of one table, setting the same columns, to distinct keys: sent as one
+/// multi-row statement.
+struct RowGroup {
+    relation: u32,
+    kind: u8,
+    set: Vec<usize>,
+    identity: Vec<usize>,
+    keys: HashSet<Vec<Option<Bytes>>>,
+    params: Vec<TextValue>,
+    rows: usize,
+}
+
+/// Most rows in one multi-row statement.
+const GROUP_MAX_ROWS: usize = 256;
 
 /// The target transaction being filled.
 struct Batch {
@@ -120,6 +137,7 @@ pub struct Applier {
     statements: HashMap<StatementKey, Statement>,
     in_flight: VecDeque<InFlight>,
     copy: Option<CopyBuffer>,
+    group: Option<RowGroup>,
     batch: Option<Batch>,
     /// End LSN of the last source transaction committed on the target.
     committed: Lsn,
@@ -189,6 +207,7 @@ impl Applier {
                 statements: HashMap::new(),
                 in_flight: VecDeque::new(),
                 copy: None,
+                group: None,
                 batch: None,
                 committed,
             },
@@ -228,7 +247,7 @@ impl Applier {
 
     /// A Relation message: (re)matches the source relation against the target's catalog.
     pub async fn relation(&mut self, rel: &Relation) -> Result<(), ApplyError> {
-        self.flush_copy().await?;
+        self.flush_pending().await?;
         let rows = self
             .client
             .query(TARGET_COLUMNS_SQL, &[&rel.namespace, &rel.name])
@@ -236,7 +255,7 @@ impl Applier {
             .map_err(self.db_err(format!("cannot read columns of {}.{}", rel.namespace, rel.name)))?;
         let cols: Vec<TargetColumn> = rows
             .iter()
-            .map(|r| TargetColumn { name: r.get(0), generated: r.get(1), identity_always: r.get(2) })
+            .map(|r| TargetColumn { name: r.get(0), generated: r.get(1), identity_always: r.get(2), type_name: r.get(3) })
             .collect();
         let map = TableMap::resolve(rel, &cols)?;
         self.statements.retain(|k, _| k.relation != rel.oid);
@@ -256,6 +275,7 @@ impl Applier {
 
     /// Buffers an insert for COPY.
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        self.flush_group().await?;
         if self.copy.as_ref().is_some_and(|c| c.relation != ins.relation_oid) {
             self.flush_copy().await?;
         }
@@ -297,6 +317,12 @@ impl Applier {
         Ok(())
     }
 
+    /// Sends whatever is buffered (COPY rows or a row group).
+    async fn flush_pending(&mut self) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
+        self.flush_group().await
+    }
+
     /// Sends the buffered inserts as one COPY.
     async fn flush_copy(&mut self) -> Result<(), ApplyError> {
         let Some(copy) = self.copy.take() else { return Ok(()) };
@@ -324,9 +350,9 @@ impl Applier {
         Ok(s)
     }
 
-    /// Pipelines one statement; `expect_row` names the change when zero rows means the target
-    /// lacks a row the source had.
-    async fn pipeline(&mut self, stmt: Statement, params: Vec<TextValue>, expect_row: Option<(&'static str, String)>) -> Result<(), ApplyError> {
+    /// Pipelines one statement; `expect_rows` names the change and how many rows it must touch
+    /// (fewer means the target lacks rows the source had).
+    async fn pipeline(&mut self, stmt: Statement, params: Vec<TextValue>, expect_rows: Option<(&'static str, String, u64)>) -> Result<(), ApplyError> {
         let client = self.client.clone();
         let node = self.node.clone();
         let metrics = self.metrics.clone();
@@ -336,11 +362,12 @@ impl Applier {
                 .execute_raw(&stmt, params.iter())
                 .await
                 .map_err(|e| ApplyError::Db(DbError::new(&node, "apply statement failed", e)))?;
-            if n == 0 {
-                if let Some((change, table)) = expect_row {
-                    metrics.missing_rows.with_label_values(&[&label]).inc();
-                    tracing::warn!(direction = %label, %table, change, "row not found on the target");
-                }
+            {
+                if let Some((change, table, expected)) = expect_rows
+                    && n < expected {
+                        metrics.missing_rows.with_label_values(&[&label]).inc_by(expected - n);
+                        tracing::warn!(direction = %label, %table, change, missing = expected - n, "rows not found on the target");
+                    }
             }
             Ok(())
         });
@@ -349,11 +376,10 @@ impl Applier {
             return r;
         }
         self.in_flight.push_back(fut);
-        if self.in_flight.len() >= MAX_IN_FLIGHT {
-            if let Some(f) = self.in_flight.pop_front() {
+        if self.in_flight.len() >= MAX_IN_FLIGHT
+            && let Some(f) = self.in_flight.pop_front() {
                 f.await?;
             }
-        }
         Ok(())
     }
 
@@ -406,10 +432,15 @@ impl Applier {
         let table = self.table(up.relation_oid)?;
         let old = up.old_key.as_ref().or(up.old_row.as_ref());
         let (id_cols, id_vals) = Self::identity(table, old, Some(&up.new))?;
+        // Without an old key the key did not change: no need to set it.
+        let key_unchanged = old.is_none();
         let mut set = Vec::with_capacity(up.new.columns.len());
         let mut params = Vec::with_capacity(up.new.columns.len() + id_vals.len());
         for (i, v) in up.new.columns.iter().enumerate() {
-            if table.columns.get(i).is_none_or(|c| c.is_none()) || table.identity_always[i] {
+            if table.columns.get(i).is_none_or(|c| c.is_none())
+                || table.identity_always[i]
+                || (key_unchanged && !table.full_identity && table.key.contains(&i))
+            {
                 continue;
             }
             match v {
@@ -422,24 +453,11 @@ impl Applier {
             }
             set.push(i);
         }
+        self.count_row();
         if set.is_empty() {
-            self.count_row();
             return Ok(());
         }
-        params.extend(id_vals);
-        let mut columns = set.iter().map(|c| c * 2).collect::<Vec<_>>();
-        columns.extend(id_cols.iter().map(|c| c * 2 + 1));
-        let key = StatementKey { relation: up.relation_oid, kind: b'U', columns: column_mask(&columns) };
-        let display = table.display.clone();
-        let stmt = match self.statements.get(&key) {
-            Some(s) => s.clone(),
-            None => {
-                let sql = table.update_sql(&set, &id_cols);
-                self.statement(key, || sql).await?
-            }
-        };
-        self.count_row();
-        self.pipeline(stmt, params, Some(("update", display))).await
+        self.add_row(up.relation_oid, b'U', set, id_cols, params, id_vals).await
     }
 
     /// Pipelines a DELETE.
@@ -447,23 +465,88 @@ impl Applier {
         self.flush_copy().await?;
         let table = self.table(del.relation_oid)?;
         let old = del.old_key.as_ref().or(del.old_row.as_ref());
-        let (id_cols, params) = Self::identity(table, old, None)?;
-        let key = StatementKey { relation: del.relation_oid, kind: b'D', columns: column_mask(&id_cols) };
-        let display = table.display.clone();
-        let stmt = match self.statements.get(&key) {
-            Some(s) => s.clone(),
-            None => {
-                let sql = table.delete_sql(&id_cols);
-                self.statement(key, || sql).await?
-            }
-        };
+        let (id_cols, id_vals) = Self::identity(table, old, None)?;
         self.count_row();
-        self.pipeline(stmt, params, Some(("delete", display))).await
+        self.add_row(del.relation_oid, b'D', Vec::new(), id_cols, Vec::new(), id_vals).await
+    }
+
+    /// Adds an update (`kind` `U`) or delete (`D`) to the row group, sending the group first
+    /// when this row cannot join it (other table or columns, a key already in it, full).
+    async fn add_row(
+        &mut self,
+        relation: u32,
+        kind: u8,
+        set: Vec<usize>,
+        identity: Vec<usize>,
+        mut params: Vec<TextValue>,
+        id_vals: Vec<TextValue>,
+    ) -> Result<(), ApplyError> {
+        let key: Vec<Option<Bytes>> = id_vals.iter().map(|v| v.0.clone()).collect();
+        let per_row = set.len() + identity.len();
+        let max_rows = GROUP_MAX_ROWS.min(u16::MAX as usize / per_row.max(1));
+        let fits = self.group.as_ref().is_none_or(|g| {
+            g.relation == relation
+                && g.kind == kind
+                && g.set == set
+                && g.identity == identity
+                && g.rows < max_rows
+                && !g.keys.contains(&key)
+        });
+        if !fits {
+            self.flush_group().await?;
+        }
+        params.extend(id_vals);
+        let g = self.group.get_or_insert_with(|| RowGroup {
+            relation,
+            kind,
+            set,
+            identity,
+            keys: HashSet::new(),
+            params: Vec::new(),
+            rows: 0,
+        });
+        g.keys.insert(key);
+        g.params.extend(params);
+        g.rows += 1;
+        Ok(())
+    }
+
+    /// Sends the row group as multi-row statements of power-of-two sizes (so few distinct
+    /// statements are prepared), a lone row as a single-row statement.
+    async fn flush_group(&mut self) -> Result<(), ApplyError> {
+        let Some(g) = self.group.take() else { return Ok(()) };
+        let table = self.table(g.relation)?;
+        // REPLICA IDENTITY FULL rows are matched one at a time (`ctid ... LIMIT 1`).
+        let single_only = table.full_identity;
+        let display = table.display.clone();
+        let per_row = g.set.len() + g.identity.len();
+        let mut mask_cols: Vec<usize> = g.set.iter().map(|c| c * 2).collect();
+        mask_cols.extend(g.identity.iter().map(|c| c * 2 + 1));
+        let columns = column_mask(&mask_cols);
+        let change = if g.kind == b'U' { "update" } else { "delete" };
+        let mut params = g.params.into_iter();
+        let mut remaining = g.rows;
+        while remaining > 0 {
+            let rows = if single_only { 1 } else { 1 << remaining.ilog2() };
+            remaining -= rows;
+            let key = StatementKey { relation: g.relation, kind: g.kind, columns: columns.clone(), rows };
+            let table = self.table(g.relation)?;
+            let sql = match (g.kind, rows) {
+                (b'U', 1) => table.update_sql(&g.set, &g.identity),
+                (b'U', n) => table.update_many_sql(&g.set, &g.identity, n),
+                (_, 1) => table.delete_sql(&g.identity),
+                (_, n) => table.delete_many_sql(&g.identity, n),
+            };
+            let stmt = self.statement(key, || sql).await?;
+            let chunk: Vec<TextValue> = params.by_ref().take(rows * per_row).collect();
+            self.pipeline(stmt, chunk, Some((change, display.clone(), rows as u64))).await?;
+        }
+        Ok(())
     }
 
     /// Applies a TRUNCATE; the batch then ends with this source transaction.
     pub async fn truncate(&mut self, tr: &Truncate) -> Result<(), ApplyError> {
-        self.flush_copy().await?;
+        self.flush_pending().await?;
         self.drain().await?;
         let maps: Vec<&TableMap> = tr.relation_oids.iter().map(|&o| self.table(o)).collect::<Result<_, _>>()?;
         let sql = TableMap::truncate_sql(&maps, tr.cascade, tr.restart_identity);
@@ -487,7 +570,7 @@ impl Applier {
     /// Commits the open batch with the origin progress of its last source transaction.
     pub async fn commit_batch(&mut self) -> Result<(), ApplyError> {
         let Some(batch) = self.batch.take() else { return Ok(()) };
-        self.flush_copy().await?;
+        self.flush_pending().await?;
         self.drain().await?;
         let Some((end_lsn, commit_time)) = batch.last_end_lsn else {
             // No source transaction completed (cannot happen: batches close at commit boundaries).
@@ -502,6 +585,8 @@ impl Applier {
         );
         self.client.batch_execute(&sql).await.map_err(self.db_err("cannot commit apply transaction"))?;
         self.committed = end_lsn;
+        tracing::debug!(direction = %self.label, transactions = batch.transactions, rows = batch.rows,
+            open_ms = batch.started.elapsed().as_millis() as u64, %end_lsn, "batch committed");
         let l = [self.label.as_str()];
         self.metrics.applied_transactions.with_label_values(&l).inc_by(batch.transactions);
         self.metrics.applied_changes.with_label_values(&l).inc_by(batch.rows);
@@ -514,6 +599,7 @@ impl Applier {
     pub fn abandon(&mut self) {
         self.in_flight.clear();
         self.copy = None;
+        self.group = None;
         self.batch = None;
     }
 
@@ -543,6 +629,7 @@ impl Applier {
     /// Flushes the target's WAL up to the last applied commit and returns the origin progress
     /// that is now durable: the only LSN that may be reported to the source as flushed.
     pub async fn flushed_progress(&mut self) -> Result<Lsn, ApplyError> {
+        self.flush_pending().await?;
         self.drain().await?;
         let row = self
             .client

@@ -24,8 +24,10 @@
 //!   looks at one message at a time.
 //! * A [`Relation`] message precedes the first change of a table in a session and follows every
 //!   change to its schema. Tuples are positional against the latest one, so keep a
-//!   [`RelationCache`] and let every Relation message replace its entry. A [`TypeMessage`]
-//!   names each non-builtin column type before the Relation that uses it.
+//!   [`RelationCache`] and let every Relation message replace its entry. It may also repeat
+//!   unchanged (the server resends it after any invalidation of its cache, e.g. a TRUNCATE), so
+//!   compare columns before treating it as a schema change. A [`TypeMessage`] names each
+//!   non-builtin column type before the Relation that uses it.
 //! * A tuple column is NULL, text, binary, or [`ColumnValue::UnchangedToast`]: an out-of-line
 //!   value the change did not touch and the server did not send. It is "keep the current
 //!   value", never NULL.

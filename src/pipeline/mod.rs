@@ -30,7 +30,7 @@ use crate::protocol::{ConnectParams, ProtocolError, ReplicationClient, Replicati
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("{direction}: replication connection to node {node}: {source}")]
-    Protocol { direction: String, node: String, source: ProtocolError },
+    Protocol { direction: String, node: String, source: Box<ProtocolError> },
     #[error("{direction}: cannot decode pgoutput message at {lsn}: {source}")]
     Decode { direction: String, lsn: Lsn, source: DecodeError },
     #[error("{direction}: {source}")]
@@ -144,7 +144,7 @@ async fn stream_once(
     let proto_err = |source: ProtocolError| PipelineError::Protocol {
         direction: label.clone(),
         node: direction.source.to_string(),
-        source,
+        source: Box::new(source),
     };
 
     let (applier, origin_progress) = Applier::connect(target, direction, config.apply.clone(), metrics.clone())
@@ -213,13 +213,12 @@ async fn stream_once(
     }
     let mut stream = repl.start_logical_replication(&slot, origin_progress, &options).await.map_err(proto_err)?;
     // The server silently starts at confirmed_flush_lsn when that is past the requested point.
-    if let Some((confirmed_now, _)) = read_slot(&source_sql, source.name.as_str(), &slot).await.map_err(db_err)? {
-        if confirmed_now > origin_progress {
+    if let Some((confirmed_now, _)) = read_slot(&source_sql, source.name.as_str(), &slot).await.map_err(db_err)?
+        && confirmed_now > origin_progress {
             return Err(fatal(format!(
                 "slot {slot} moved to {confirmed_now}, past this node's progress {origin_progress}, while starting"
             )));
         }
-    }
     info!(direction = %label, %slot, start_lsn = %origin_progress, proto_version, "streaming");
     metrics.pipeline_up.with_label_values(&[&label]).set(1);
 
@@ -273,7 +272,7 @@ async fn stream_once(
                         None => return Err(PipelineError::Protocol {
                             direction: st.label.clone(),
                             node: st.direction.source.to_string(),
-                            source: ProtocolError::Protocol("server ended the replication stream".into()),
+                            source: Box::new(ProtocolError::Protocol("server ended the replication stream".into())),
                         }),
                         Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
                             st.server_wal_end = st.server_wal_end.max(wal_end);
@@ -476,7 +475,7 @@ impl State<'_> {
             .map_err(|source| PipelineError::Protocol {
                 direction: self.label.clone(),
                 node: self.direction.source.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         let committed = self.applier.committed_lsn();
         let behind = self.open.is_some() || self.applier.batch_open() || self.server_wal_end > committed;

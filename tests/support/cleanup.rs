@@ -51,9 +51,11 @@ pub(crate) fn harness_root() -> &'static Path {
     })
 }
 
+/// This process's run dir, once [`run_dir`] has created it.
+static RUN: OnceLock<PathBuf> = OnceLock::new();
+
 /// This process's run dir, created (with the cleanup machinery armed) on first use.
 pub(crate) fn run_dir() -> &'static Path {
-    static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
         become_subreaper();
         reap_stale_run_dirs();
@@ -75,21 +77,10 @@ pub(crate) fn run_dir() -> &'static Path {
 }
 
 extern "C" fn cleanup_at_exit() {
-    // Must not panic (that would abort inside exit): everything below only logs.
-    if let Some(run) =
-        harness_root_if_set().map(|root| root.join(format!("run-{}", std::process::id())))
-    {
-        reap_run_dir(&run);
+    // Must not panic (that would abort inside exit): reap_run_dir only logs.
+    if let Some(run) = RUN.get() {
+        reap_run_dir(run);
     }
-}
-
-/// The root, without creating it (the atexit handler must not start doing setup work).
-fn harness_root_if_set() -> Option<PathBuf> {
-    let root = std::env::var_os("PGDUPLEX_TEST_ROOT")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/pgduplex-test"));
-    root.canonicalize().ok()
 }
 
 /// Stops every postmaster under `run` and deletes it. Used at exit, and for run dirs whose
@@ -101,10 +92,10 @@ pub(crate) fn reap_run_dir(run: &Path) {
     let mut pids = Vec::new();
     for entry in entries.flatten() {
         let data = entry.path().join("data");
-        if let Some(pid) = read_postmaster_pid(&data) {
-            if is_postmaster_of(pid, &data) {
-                pids.push(pid);
-            }
+        if let Some(pid) = read_postmaster_pid(&data)
+            && is_postmaster_of(pid, &data)
+        {
+            pids.push(pid);
         }
     }
     let survivors = stop_postmasters(&pids, Duration::from_secs(10));
@@ -114,10 +105,10 @@ pub(crate) fn reap_run_dir(run: &Path) {
             run.display()
         );
     }
-    if let Err(e) = std::fs::remove_dir_all(run) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("pgduplex test harness: removing {}: {e}", run.display());
-        }
+    if let Err(e) = std::fs::remove_dir_all(run)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("pgduplex test harness: removing {}: {e}", run.display());
     }
 }
 
@@ -167,7 +158,10 @@ while [ $i -lt 100 ]; do
     [ -z "$alive" ] && break
     sleep 0.1; i=$((i + 1))
 done
-for pm in $pids; do kill -KILL "$pm" 2>/dev/null; done
+for pm in $pids; do
+    state=$(sed 's/.*) //' "/proc/$pm/stat" 2>/dev/null | cut -c1)
+    [ -n "$state" ] && [ "$state" != Z ] && kill -KILL "$pm" 2>/dev/null
+done
 rm -rf "$run"
 "#;
     let mut cmd = Command::new("sh");
@@ -188,6 +182,7 @@ rm -rf "$run"
         });
     }
     // The handle is dropped unwaited: the watchdog must outlive us.
+    #[allow(clippy::zombie_processes)]
     cmd.spawn()
         .unwrap_or_else(|e| panic!("starting the cluster watchdog: {e}"));
 }

@@ -442,10 +442,10 @@ impl Drop for Cluster {
                 "PGDUPLEX_KEEP_CLUSTERS: keeping {}",
                 self.root_dir.display()
             );
-        } else if let Err(e) = std::fs::remove_dir_all(&self.root_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                problems.push(format!("removing {}: {e}", self.root_dir.display()));
-            }
+        } else if let Err(e) = std::fs::remove_dir_all(&self.root_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            problems.push(format!("removing {}: {e}", self.root_dir.display()));
         }
         if !problems.is_empty() {
             let message = format!("dropping {self}: {}", problems.join("; "));

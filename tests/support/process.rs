@@ -137,21 +137,31 @@ fn clean_env(cmd: &mut Command) {
 /// Runs `cmd` to completion; `Err` carries the exit status and both output streams, so a caller
 /// can put them in its panic message.
 pub(crate) fn run(cmd: &mut Command) -> Result<Output, String> {
+    let shown = describe(cmd);
     let out = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| format!("could not run {cmd:?}: {e}"))?;
+        .map_err(|e| format!("could not run `{shown}`: {e}"))?;
     if out.status.success() {
         Ok(out)
     } else {
         Err(format!(
-            "{cmd:?} failed ({})\n--- stdout ---\n{}--- stderr ---\n{}",
+            "`{shown}` failed ({})\n--- stdout ---\n{}--- stderr ---\n{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ))
     }
+}
+
+/// The program and its arguments, without the environment noise of `Command`'s Debug.
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Makes this process a child subreaper, once. `pg_ctl start` forks the postmaster and exits,
@@ -198,12 +208,12 @@ pub fn process_exists(pid: u32) -> bool {
 /// then fails with ESRCH). Postmasters become our children through [`become_subreaper`]. Only
 /// for postmaster PIDs: on a `std::process::Child` it would steal the exit status.
 pub(crate) fn reap_postmaster(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        if pid > 0 {
-            let mut status = 0;
-            // SAFETY: non-blocking waitpid on one PID; ECHILD (not our child) is ignored.
-            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        }
+    if let Ok(pid) = libc::pid_t::try_from(pid)
+        && pid > 0
+    {
+        let mut status = 0;
+        // SAFETY: non-blocking waitpid on one PID; ECHILD (not our child) is ignored.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
     }
 }
 
@@ -225,11 +235,11 @@ pub(crate) fn is_postmaster_of(pid: u32, data_dir: &Path) -> bool {
 
 /// Sends `signal` to `pid`, ignoring a process that is already gone.
 pub(crate) fn send_signal(pid: u32, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        if pid > 0 {
-            // SAFETY: plain kill(2) on a positive PID we started.
-            unsafe { libc::kill(pid, signal) };
-        }
+    if let Ok(pid) = libc::pid_t::try_from(pid)
+        && pid > 0
+    {
+        // SAFETY: plain kill(2) on a positive PID we started.
+        unsafe { libc::kill(pid, signal) };
     }
 }
 
