@@ -1,10 +1,11 @@
 //! Catch-up throughput of pgduplex against PostgreSQL's native logical replication
 //! (CREATE SUBSCRIPTION), on the same two clusters, from the same source WAL.
 //!
-//! For each workload a source database gets the workload while neither consumer runs; both
-//! slots hold the same WAL. Then the native subscription is enabled and timed until a marker
-//! row committed after the workload appears on its target; then `pgduplex run` is started and
-//! timed the same way on its own target database. Contents are checked after each.
+//! For each workload a source database gets the workload while no consumer runs; the slots of
+//! several native subscriptions and several pgduplex targets hold the same WAL. Then, taking
+//! turns, a native subscription is enabled, or `pgduplex run` started, and timed until a marker
+//! row committed after the workload appears on its target database; contents are checked after
+//! each. Each system's median over PGDUPLEX_BENCH_SAMPLES (default 3) samples is reported.
 //!
 //!   W1  100,000 single-row INSERT transactions
 //!   W2  one transaction inserting 1,000,000 rows
@@ -113,7 +114,7 @@ fn main() {
     for w in workloads.iter().filter(|w| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == w.name))) {
         let r = run_workload(&source, &target, w);
         println!(
-            "{}: native {:.2}s, pgduplex {:.2}s, ratio {:.2}",
+            "{}: native {:.2}s, pgduplex {:.2}s (medians), ratio {:.2}",
             w.name,
             r.0.as_secs_f64(),
             r.1.as_secs_f64(),
@@ -143,43 +144,64 @@ fn sql(cluster: &Cluster, db: &str, q: &str) -> String {
     cluster.psql(db, q).trim().to_string()
 }
 
+/// Samples per system and workload: each consumes the same source WAL through its own slot;
+/// the median is reported. Native and pgduplex samples alternate, so drift hits both alike.
+fn samples() -> usize {
+    std::env::var("PGDUPLEX_BENCH_SAMPLES").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
 fn run_workload(source: &Cluster, target: &Cluster, w: &Workload) -> (Duration, Duration) {
     let tag = w.name.to_lowercase();
-    let (src_db, native_db, ours_db) = (format!("{tag}_src"), format!("{tag}_native"), format!("{tag}_pgduplex"));
+    let n = samples();
+    let src_db = format!("{tag}_src");
     sql(source, "postgres", &format!("CREATE DATABASE {src_db}"));
-    sql(target, "postgres", &format!("CREATE DATABASE {native_db}"));
-    sql(target, "postgres", &format!("CREATE DATABASE {ours_db}"));
     let schema = format!("{}; CREATE TABLE marker (id int PRIMARY KEY)", w.schema);
-    for (c, db) in [(source, &src_db), (target, &native_db), (target, &ours_db)] {
-        c.psql(db, &schema);
-    }
-
-    // Both consumers exist (slots hold the WAL) before the workload runs.
+    source.psql(&src_db, &schema);
     sql(source, &src_db, "CREATE PUBLICATION native_pub FOR TABLE w, marker");
-    sql(
-        target,
-        &native_db,
-        &format!(
-            "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={} dbname={src_db} user=postgres' \
-             PUBLICATION native_pub WITH (copy_data = false, enabled = false)",
-            source.port
-        ),
-    );
     let dir = std::env::temp_dir().join(format!("pgduplex-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let config = dir.join("pgduplex.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[nodes.src]\nurl = \"postgresql://postgres@127.0.0.1:{}/{src_db}\"\n[nodes.dst]\nurl = \"postgresql://postgres@127.0.0.1:{}/{ours_db}\"\n\
-             [replication]\ndirection = \"src-to-dst\"\ntables = [\"public.w\", \"public.marker\"]\n[metrics]\nlisten = \"off\"\n",
-            source.port, target.port
-        ),
-    )
-    .expect("write config");
     let bin = env!("CARGO_BIN_EXE_pgduplex");
-    let status = Command::new(bin).args(["init", "--config"]).arg(&config).stdout(Stdio::null()).status().expect("pgduplex init");
-    assert!(status.success(), "pgduplex init failed");
+
+    // Every consumer exists (its slot holds the WAL) before the workload runs.
+    let mut natives = Vec::new();
+    let mut ours = Vec::new();
+    for i in 0..n {
+        let native_db = format!("{tag}_native{i}");
+        sql(target, "postgres", &format!("CREATE DATABASE {native_db}"));
+        target.psql(&native_db, &schema);
+        sql(
+            target,
+            &native_db,
+            &format!(
+                "CREATE SUBSCRIPTION native_sub{i} CONNECTION 'host=127.0.0.1 port={} dbname={src_db} user=postgres' \
+                 PUBLICATION native_pub WITH (copy_data = false, enabled = false)",
+                source.port
+            ),
+        );
+        natives.push(native_db);
+
+        let ours_db = format!("{tag}_pgduplex{i}");
+        sql(target, "postgres", &format!("CREATE DATABASE {ours_db}"));
+        target.psql(&ours_db, &schema);
+        let config = dir.join(format!("pgduplex{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[nodes.src{i}]\nurl = \"postgresql://postgres@127.0.0.1:{}/{src_db}\"\n[nodes.dst{i}]\nurl = \"postgresql://postgres@127.0.0.1:{}/{ours_db}\"\n\
+                 [replication]\ndirection = \"src{i}-to-dst{i}\"\ntables = [\"public.w\", \"public.marker\"]\n[metrics]\nlisten = \"off\"\n",
+                source.port, target.port
+            ),
+        )
+        .expect("write config");
+        let status = Command::new(bin).args(["init", "--config"]).arg(&config).stdout(Stdio::null()).status().expect("pgduplex init");
+        assert!(status.success(), "pgduplex init failed");
+        ours.push((ours_db, config));
+    }
 
     let started = Instant::now();
     match &w.generate {
@@ -202,41 +224,66 @@ fn run_workload(source: &Cluster, target: &Cluster, w: &Workload) -> (Duration, 
         }
     }
     sql(source, &src_db, "INSERT INTO marker VALUES (1)");
+    sql(source, &src_db, "CHECKPOINT");
     eprintln!("{}: generated in {:.1?}", w.name, started.elapsed());
     let expected = sql(source, &src_db, w.check);
 
-    // Native.
-    let t0 = Instant::now();
-    sql(target, &native_db, "ALTER SUBSCRIPTION native_sub ENABLE");
-    wait_marker(target, &native_db);
-    let native = t0.elapsed();
-    assert_eq!(sql(target, &native_db, w.check), expected, "{}: native target differs", w.name);
-    sql(target, &native_db, "DROP SUBSCRIPTION native_sub");
+    let (mut native_times, mut our_times) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let native_db = &natives[i];
+        let t0 = Instant::now();
+        sql(target, native_db, &format!("ALTER SUBSCRIPTION native_sub{i} ENABLE"));
+        wait_marker(target, native_db);
+        native_times.push(t0.elapsed());
+        assert_eq!(sql(target, native_db, w.check), expected, "{}: native target differs", w.name);
+        sql(target, native_db, &format!("DROP SUBSCRIPTION native_sub{i}"));
 
-    // pgduplex.
-    let t0 = Instant::now();
-    let mut child: Child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("PGDUPLEX_LOG", std::env::var("PGDUPLEX_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
-        .spawn()
-        .expect("pgduplex run");
-    wait_marker(target, &ours_db);
-    let ours = t0.elapsed();
-    eprintln!("{}: pgduplex used {:.2}s of CPU", w.name, cpu_seconds(child.id()));
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        let (ours_db, config) = &ours[i];
+        let t0 = Instant::now();
+        let mut child: Child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("PGDUPLEX_LOG", std::env::var("PGDUPLEX_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .spawn()
+            .expect("pgduplex run");
+        // PGDUPLEX_BENCH_PERF=<file>: profile pgduplex with `perf record` while it catches up.
+        let perf = std::env::var("PGDUPLEX_BENCH_PERF").ok().map(|out| {
+            Command::new("perf")
+                .args(["record", "-F", "4000", "-g", "-o", &format!("{out}.{tag}{i}"), "-p", &child.id().to_string()])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf record")
+        });
+        wait_marker(target, ours_db);
+        our_times.push(t0.elapsed());
+        eprintln!(
+            "{} sample {i}: native {:.2?}, pgduplex {:.2?} ({:.2}s of CPU)",
+            w.name,
+            native_times[i],
+            our_times[i],
+            cpu_seconds(child.id())
+        );
+        for pid in perf.iter().map(|p| p.id()).chain([child.id()]) {
+            unsafe {
+                libc::kill(pid as i32, if pid == child.id() { libc::SIGTERM } else { libc::SIGINT });
+            }
+        }
+        if let Some(p) = perf {
+            let _ = p.wait_with_output();
+        }
+        let _ = child.wait();
+        assert_eq!(sql(target, ours_db, w.check), expected, "{}: pgduplex target differs", w.name);
     }
-    let _ = child.wait();
-    assert_eq!(sql(target, &ours_db, w.check), expected, "{}: pgduplex target differs", w.name);
-    let status = Command::new(bin).args(["teardown", "--config"]).arg(&config).stdout(Stdio::null()).status().expect("teardown");
-    assert!(status.success(), "pgduplex teardown failed");
-
+    for (_, config) in &ours {
+        let status = Command::new(bin).args(["teardown", "--config"]).arg(config).stdout(Stdio::null()).status().expect("teardown");
+        assert!(status.success(), "pgduplex teardown failed");
+    }
     sql(source, "postgres", &format!("DROP DATABASE {src_db}"));
-    sql(target, "postgres", &format!("DROP DATABASE {native_db}"));
-    sql(target, "postgres", &format!("DROP DATABASE {ours_db}"));
+    for db in natives.iter().chain(ours.iter().map(|(d, _)| d)) {
+        sql(target, "postgres", &format!("DROP DATABASE {db}"));
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    (native, ours)
+    (median(native_times), median(our_times))
 }
 
 /// User + system CPU time of a process so far, from /proc (0 when unreadable).

@@ -127,3 +127,31 @@ async fn table_problems_are_all_reported_and_nothing_is_created() {
     let out = setup.command(&["run"]);
     assert_clear_error(&out, 1, &["run `pgduplex init`"]);
 }
+
+/// Slots and origins are per cluster: a second setup reusing the node names of a first one on
+/// the same clusters (another database) is refused, not allowed to share the first one's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_names_reused_across_databases_are_refused() {
+    let (sc, tc) = (shared_cluster(PgVersion::V15), shared_cluster(PgVersion::V18));
+    let name_src = support::unique_name("rsrc");
+    let name_dst = support::unique_name("rdst");
+    let mut setups = Vec::new();
+    for _ in 0..2 {
+        let mut source = Node::fresh(sc, "x").await;
+        let mut target = Node::fresh(tc, "y").await;
+        source.name = name_src.clone();
+        target.name = name_dst.clone();
+        for n in [&source, &target] {
+            n.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+        }
+        setups.push(Setup::new(&source, &target, &["public.*"], ""));
+    }
+    setups[0].init();
+    let out = setups[1].command(&["init"]);
+    assert_clear_error(
+        &out,
+        1,
+        &[&format!("replication slot pgduplex_{name_src}_to_{name_dst} already exists for database"), "give the nodes names"],
+    );
+    setups[0].teardown();
+}

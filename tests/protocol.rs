@@ -499,3 +499,57 @@ async fn connect_times_out_on_a_silent_server() {
     assert!(!err.to_string().contains("never logged"), "{err}");
     silent.abort();
 }
+
+/// The first transaction a stream started at `start` delivers: (Begin's final LSN, the first
+/// inserted id), decoded with our pgoutput decoder.
+async fn first_transaction_from(cluster: &Cluster, db: &str, slot: &str, publication: &str, start: Lsn) -> (Lsn, Lsn, i32) {
+    use pgduplex::pgoutput::{self, ColumnValue, DecodeContext, Message};
+    let client = connect(&cluster.url(db)).await.expect("connect");
+    let options = [("proto_version", "1"), ("publication_names", publication)];
+    let mut stream = within("START_REPLICATION", client.start_logical_replication(slot, start, &options))
+        .await
+        .expect("START_REPLICATION");
+    let ctx = DecodeContext { protocol_version: 1, in_streamed_transaction: false };
+    let (mut begin, mut first_id) = (None, None);
+    loop {
+        let msg = within("next message", stream.next()).await.expect("stream").expect("open");
+        let ReplicationMessage::XLogData { data, .. } = msg else { continue };
+        match pgoutput::decode(&data, &ctx).expect("decodes") {
+            Message::Begin(b) => begin = Some(b.final_lsn),
+            Message::Insert(i) if first_id.is_none() => {
+                if let Some(ColumnValue::Text(v)) = i.new.columns.first() {
+                    first_id = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
+                }
+            }
+            Message::Commit(c) => {
+                let _ = stream.close().await;
+                return (begin.expect("Begin before Commit"), c.end_lsn, first_id.expect("an insert"));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// DESIGN §5: resuming at a transaction's commit END LSN skips it; resuming at its Begin's
+/// final LSN (the commit record's start) sends it again. pgduplex stores and resumes from the
+/// end LSN; this pins the server behaviour that choice relies on, on both versions.
+#[tokio::test]
+async fn resume_at_commit_end_lsn_skips_the_transaction() {
+    for version in PgVersion::all() {
+        let cluster = shared_cluster(version);
+        let (db, publication) = published_db(cluster, "proto_resume").await;
+        let sql = cluster.connect(&db).await;
+        let slot = unique_name("rslot");
+        sql.query_one("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.expect("slot");
+        sql.batch_execute("INSERT INTO t VALUES (1, 'first')").await.expect("txn 1");
+        sql.batch_execute("INSERT INTO t VALUES (2, 'second')").await.expect("txn 2");
+
+        let (final1, end1, id) = first_transaction_from(cluster, &db, &slot, &publication, Lsn::ZERO).await;
+        assert_eq!(id, 1, "{version:?}: the stream starts with the first transaction");
+        assert!(end1 > final1);
+        let (_, _, id) = first_transaction_from(cluster, &db, &slot, &publication, final1).await;
+        assert_eq!(id, 1, "{version:?}: starting at Begin's final LSN re-sends the transaction");
+        let (_, _, id) = first_transaction_from(cluster, &db, &slot, &publication, end1).await;
+        assert_eq!(id, 2, "{version:?}: starting at the commit end LSN skips the applied transaction");
+    }
+}

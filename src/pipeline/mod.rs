@@ -62,6 +62,10 @@ impl PipelineError {
     }
 }
 
+/// How long to let a message-by-message stream accumulate before the next read (see
+/// [`ReplicationStream::set_read_coalescing`]): at most this much added latency.
+const READ_COALESCING: Duration = Duration::from_millis(1);
+
 /// Runs one direction until shutdown, reconnecting with backoff after errors. Returns an error
 /// only for fatal problems.
 pub async fn run_direction(
@@ -212,6 +216,7 @@ async fn stream_once(
         options.push(("origin", "any"));
     }
     let mut stream = repl.start_logical_replication(&slot, origin_progress, &options).await.map_err(proto_err)?;
+    stream.set_read_coalescing(Some(READ_COALESCING));
     // The server silently starts at confirmed_flush_lsn when that is past the requested point.
     if let Some((confirmed_now, _)) = read_slot(&source_sql, source.name.as_str(), &slot).await.map_err(db_err)?
         && confirmed_now > origin_progress {
@@ -246,12 +251,22 @@ async fn stream_once(
         last_idle_record: Instant::now(),
     };
 
+    // One timer for the batch deadline, re-armed only when the deadline changes (not per message).
+    let batch_timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(batch_timer);
+    let mut armed: Option<Instant> = None;
     let result: Result<(), PipelineError> = async {
         loop {
             let deadline = match (&st.open, st.applier.batch_deadline()) {
                 (None, Some(d)) => Some(d),
                 _ => None,
             };
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    batch_timer.as_mut().reset(d.into());
+                }
+                armed = deadline;
+            }
             // Priority: shutdown > batch deadline > new WAL > status update > slot monitor.
             tokio::select! {
                 biased;
@@ -264,7 +279,7 @@ async fn stream_once(
                     info!(direction = %st.label, "stopped");
                     return Ok(());
                 }
-                _ = sleep_until_opt(deadline) => {
+                _ = &mut batch_timer, if deadline.is_some() => {
                     st.applier.commit_batch().await.map_err(|e| st.apply_err(e))?;
                 }
                 msg = stream.next() => {
@@ -288,7 +303,9 @@ async fn stream_once(
                     }
                 }
                 _ = status_tick.tick() => {
-                    st.send_status(&mut stream, false).await?;
+                    // Reply requested: the server's answer is a keepalive with its current
+                    // position, which lets an idle slot advance (see on_keepalive).
+                    st.send_status(&mut stream, true).await?;
                 }
                 _ = slot_tick.tick() => {
                     match read_slot_usage(&source_sql, &slot).await {
@@ -316,13 +333,6 @@ async fn stream_once(
         st.applier.abandon();
     }
     result
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The slot's confirmed_flush_lsn and wal_status, or `None` when the slot does not exist.

@@ -98,6 +98,11 @@ impl ReplicationStream {
         }
     }
 
+    /// Turns read coalescing on (`Some(delay)`) or off; see [`Conn::set_read_coalescing`].
+    pub fn set_read_coalescing(&mut self, delay: Option<std::time::Duration>) {
+        self.conn.set_read_coalescing(delay);
+    }
+
     /// The next XLogData or keepalive.
     ///
     /// `Ok(None)` once the server ended the stream: it sent CopyDone or CommandComplete, or

@@ -84,6 +84,37 @@ pub async fn check_direction(
     if senders >= max_senders {
         problem(src, format!("max_wal_senders = {max_senders} and all are in use"), "raise max_wal_senders (restart needed)".into());
     }
+    // Slots and origins are per cluster, not per database: two setups with the same node names
+    // on one cluster would share them and skip each other's transactions.
+    let slot_db: Option<String> = source
+        .query_opt("SELECT database::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| q(e, "cannot read pg_replication_slots"))?
+        .and_then(|r| r.get(0));
+    let source_db = config.node(&d.source).pg.get_dbname().unwrap_or_default().to_string();
+    if let Some(db) = slot_db.filter(|db| *db != source_db) {
+        problem(
+            src,
+            format!("replication slot {slot} already exists for database {db}, not {source_db}"),
+            "give the nodes names no other pgduplex setup on these clusters uses (slot and origin names are per cluster)".into(),
+        );
+    }
+    let origin = d.origin_name();
+    let origin_exists = target
+        .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
+        .await
+        .map_err(|e| DbError::new(tgt, "cannot read pg_replication_origin", e))?
+        .is_some();
+    if origin_exists && !has_slot {
+        problem(
+            tgt,
+            format!("replication origin {origin} already exists but slot {slot} does not exist on node {src}"),
+            format!(
+                "if it is left from an earlier setup of these nodes, run `pgduplex teardown` (or SELECT \
+                 pg_replication_origin_drop('{origin}') on node {tgt}); if another setup uses it, give the nodes other names"
+            ),
+        );
+    }
     if !can_replicate {
         problem(src, format!("role {user} may not stream changes"), format!("ALTER ROLE {user} REPLICATION"));
     }

@@ -6,7 +6,6 @@ mod checks;
 use std::fmt;
 
 use tokio_postgres::Client;
-use tracing::info;
 
 use crate::config::{Config, Direction};
 use crate::db::{self, DbError, quote_ident};
@@ -137,7 +136,7 @@ async fn install_direction(
             .map_err(|e| DbError::new(tgt, format!("cannot set progress of origin {origin}"), e))?;
         let lsn: Lsn = lsn.parse().unwrap_or(Lsn::ZERO);
         report.lines.push(format!("node {src}: replication slot {slot} created at {lsn}"));
-        info!(%slot, %lsn, "replication slot created");
+        tracing::debug!(%slot, %lsn, "replication slot created");
     }
     Ok(())
 }
