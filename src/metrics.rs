@@ -101,6 +101,21 @@ impl Metrics {
         }
     }
 
+    /// Creates every per-direction series at zero, so dashboards and alerts see them (and a
+    /// `rate()` has a start) before the first event.
+    pub fn register_direction(&self, label: &str) {
+        let l = [label];
+        self.applied_transactions.with_label_values(&l);
+        self.applied_changes.with_label_values(&l);
+        self.echoes_dropped.with_label_values(&l);
+        self.lag_bytes.with_label_values(&l);
+        self.lag_seconds.with_label_values(&l);
+        self.slot_retained_wal_bytes.with_label_values(&l);
+        self.reconnects.with_label_values(&l);
+        self.missing_rows.with_label_values(&l);
+        self.pipeline_up.with_label_values(&l);
+    }
+
     /// The registry in Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, CopyInSink, Statement};
 
 use crate::config::{ApplyConfig, Direction, NodeConfig};
 use crate::db::{self, DbError, quote_literal};
@@ -67,7 +67,14 @@ impl ApplyError {
     }
 }
 
-type InFlight = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send>>;
+/// What a pipelined request reports when it completes.
+enum Completion {
+    Done,
+    /// A batch's COMMIT went through: its progress is now the origin's.
+    Committed { end_lsn: Lsn, transactions: u64, rows: u64, started: Instant },
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Result<Completion, ApplyError>> + Send>>;
 
 /// Statements are cached per relation, statement kind and the set of columns they touch.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -87,11 +94,13 @@ fn column_mask(cols: &[usize]) -> Box<[u64]> {
     mask.into_boxed_slice()
 }
 
-/// Inserts buffered for one COPY.
-struct CopyBuffer {
+/// An open COPY into one table: rows are streamed to the server while the stream is read, so
+/// the target works in parallel with decoding instead of after it.
+struct ActiveCopy {
     relation: u32,
-    data: BytesMut,
-    rows: u64,
+    display: String,
+    sink: Pin<Box<CopyInSink<Bytes>>>,
+    buf: BytesMut,
 }
 
 /// Updates (or deletes) of one table, setting the same columns, to distinct keys: sent as one
@@ -120,8 +129,8 @@ struct Batch {
     must_end: bool,
 }
 
-/// Flush the COPY buffer past this many bytes.
-const COPY_FLUSH_BYTES: usize = 4 << 20;
+/// Hand COPY data to the connection in chunks of about this size.
+const COPY_CHUNK_BYTES: usize = 256 * 1024;
 /// Wait for the oldest result once this many statements are in flight.
 const MAX_IN_FLIGHT: usize = 1024;
 
@@ -136,7 +145,7 @@ pub struct Applier {
     tables: HashMap<u32, TableMap>,
     statements: HashMap<StatementKey, Statement>,
     in_flight: VecDeque<InFlight>,
-    copy: Option<CopyBuffer>,
+    copy: Option<ActiveCopy>,
     group: Option<RowGroup>,
     batch: Option<Batch>,
     /// End LSN of the last source transaction committed on the target.
@@ -239,7 +248,17 @@ impl Applier {
     /// transaction's first change, so transactions with nothing to apply open nothing.
     pub async fn begin_if_needed(&mut self) -> Result<(), ApplyError> {
         if self.batch.is_none() {
-            self.client.batch_execute("BEGIN").await.map_err(self.db_err("cannot begin apply transaction"))?;
+            // Deferrable constraints are checked at COMMIT, when the whole batch is in place.
+            let client = self.client.clone();
+            let node = self.node.clone();
+            self.enqueue(Box::pin(async move {
+                client
+                    .batch_execute("BEGIN; SET CONSTRAINTS ALL DEFERRED")
+                    .await
+                    .map_err(|e| ApplyError::Db(DbError::new(&node, "cannot begin apply transaction", e)))?;
+                Ok(Completion::Done)
+            }))
+            .await?;
             self.batch = Some(Batch { started: Instant::now(), transactions: 0, rows: 0, last_end_lsn: None, must_end: false });
         }
         Ok(())
@@ -248,6 +267,7 @@ impl Applier {
     /// A Relation message: (re)matches the source relation against the target's catalog.
     pub async fn relation(&mut self, rel: &Relation) -> Result<(), ApplyError> {
         self.flush_pending().await?;
+        self.drain().await?;
         let rows = self
             .client
             .query(TARGET_COLUMNS_SQL, &[&rel.namespace, &rel.name])
@@ -273,26 +293,35 @@ impl Applier {
         }
     }
 
-    /// Buffers an insert for COPY.
+    /// Streams an insert into the open COPY for its table (starting one if needed).
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         self.flush_group().await?;
         if self.copy.as_ref().is_some_and(|c| c.relation != ins.relation_oid) {
             self.flush_copy().await?;
         }
+        if self.copy.is_none() {
+            self.start_copy(ins.relation_oid).await?;
+        }
         let table = self.tables.get(&ins.relation_oid).ok_or(ApplyError::UnknownRelation { oid: ins.relation_oid })?;
-        let copy = self.copy.get_or_insert_with(|| CopyBuffer { relation: ins.relation_oid, data: BytesMut::new(), rows: 0 });
+        if ins.new.columns.len() != table.columns.len() {
+            return Err(ApplyError::BadChange {
+                table: table.display.clone(),
+                message: format!("insert has {} columns, the relation {}", ins.new.columns.len(), table.columns.len()),
+            });
+        }
+        let Some(copy) = self.copy.as_mut() else { return Ok(()) };
         let mut first = true;
         for (i, value) in ins.new.columns.iter().enumerate() {
-            if table.columns.get(i).is_none_or(|c| c.is_none()) {
+            if table.columns[i].is_none() {
                 continue;
             }
             if !first {
-                copy.data.extend_from_slice(b"\t");
+                copy.buf.extend_from_slice(b"\t");
             }
             first = false;
             match value {
-                ColumnValue::Null => copy_text::push_value(&mut copy.data, None),
-                ColumnValue::Text(b) => copy_text::push_value(&mut copy.data, Some(b)),
+                ColumnValue::Null => copy_text::push_value(&mut copy.buf, None),
+                ColumnValue::Text(b) => copy_text::push_value(&mut copy.buf, Some(b)),
                 ColumnValue::UnchangedToast | ColumnValue::Binary(_) => {
                     return Err(ApplyError::BadChange {
                         table: table.display.clone(),
@@ -301,42 +330,51 @@ impl Applier {
                 }
             }
         }
-        if ins.new.columns.len() != table.columns.len() {
-            return Err(ApplyError::BadChange {
-                table: table.display.clone(),
-                message: format!("insert has {} columns, the relation {}", ins.new.columns.len(), table.columns.len()),
-            });
+        copy.buf.extend_from_slice(b"\n");
+        if copy.buf.len() >= COPY_CHUNK_BYTES {
+            let chunk = copy.buf.split().freeze();
+            let display = copy.display.clone();
+            copy.sink.as_mut().send(chunk).await.map_err(self.db_err(format!("COPY into {display} failed")))?;
         }
-        copy.data.extend_from_slice(b"\n");
-        copy.rows += 1;
-        let full = copy.data.len() >= COPY_FLUSH_BYTES;
         self.count_row();
-        if full {
-            self.flush_copy().await?;
-        }
         Ok(())
     }
 
-    /// Sends whatever is buffered (COPY rows or a row group).
+    /// Opens a COPY into the table of `relation`. Waits for the pipeline first: COPY needs the
+    /// connection to itself.
+    async fn start_copy(&mut self, relation: u32) -> Result<(), ApplyError> {
+        self.drain().await?;
+        let table = self.table(relation)?;
+        let sql = table.copy_sql();
+        let display = table.display.clone();
+        let sink = self
+            .client
+            .copy_in::<_, Bytes>(&sql)
+            .await
+            .map_err(self.db_err(format!("cannot start COPY into {display}")))?;
+        self.copy = Some(ActiveCopy { relation, display, sink: Box::pin(sink), buf: BytesMut::with_capacity(COPY_CHUNK_BYTES) });
+        Ok(())
+    }
+
+    /// Sends whatever is buffered (the open COPY or a row group) into the pipeline.
     async fn flush_pending(&mut self) -> Result<(), ApplyError> {
         self.flush_copy().await?;
         self.flush_group().await
     }
 
-    /// Sends the buffered inserts as one COPY.
+    /// Ends the open COPY; its completion is collected with the pipeline.
     async fn flush_copy(&mut self) -> Result<(), ApplyError> {
-        let Some(copy) = self.copy.take() else { return Ok(()) };
-        self.drain().await?;
-        let table = self.table(copy.relation)?;
-        let sql = table.copy_sql();
-        let display = table.display.clone();
-        let client = self.client.clone();
-        let sink = client.copy_in::<_, Bytes>(&sql).await.map_err(self.db_err(format!("cannot start COPY into {display}")))?;
-        let mut sink = std::pin::pin!(sink);
-        sink.send(copy.data.freeze()).await.map_err(self.db_err(format!("COPY into {display} failed")))?;
-        let n = sink.as_mut().finish().await.map_err(self.db_err(format!("COPY into {display} failed")))?;
-        debug_assert_eq!(n, copy.rows);
-        Ok(())
+        let Some(ActiveCopy { display, mut sink, buf, .. }) = self.copy.take() else { return Ok(()) };
+        let node = self.node.clone();
+        self.enqueue(Box::pin(async move {
+            let err = |e| ApplyError::Db(DbError::new(&node, format!("COPY into {display} failed"), e));
+            if !buf.is_empty() {
+                sink.as_mut().send(buf.freeze()).await.map_err(err)?;
+            }
+            sink.as_mut().finish().await.map_err(|e| ApplyError::Db(DbError::new(&node, format!("COPY into {display} failed"), e)))?;
+            Ok(Completion::Done)
+        }))
+        .await
     }
 
     /// The prepared statement for `key`, preparing `sql()` the first time.
@@ -345,6 +383,8 @@ impl Applier {
             return Ok(s.clone());
         }
         let sql = sql();
+        // A request that waits for its answer must not queue behind an unfinished COPY.
+        self.drain().await?;
         let s = self.client.prepare(&sql).await.map_err(self.db_err(format!("cannot prepare {sql}")))?;
         self.statements.insert(key, s.clone());
         Ok(s)
@@ -357,38 +397,82 @@ impl Applier {
         let node = self.node.clone();
         let metrics = self.metrics.clone();
         let label = self.label.clone();
-        let mut fut: InFlight = Box::pin(async move {
+        self.enqueue(Box::pin(async move {
             let n = client
                 .execute_raw(&stmt, params.iter())
                 .await
                 .map_err(|e| ApplyError::Db(DbError::new(&node, "apply statement failed", e)))?;
+            if let Some((change, table, expected)) = expect_rows
+                && n < expected
             {
-                if let Some((change, table, expected)) = expect_rows
-                    && n < expected {
-                        metrics.missing_rows.with_label_values(&[&label]).inc_by(expected - n);
-                        tracing::warn!(direction = %label, %table, change, missing = expected - n, "rows not found on the target");
-                    }
+                metrics.missing_rows.with_label_values(&[&label]).inc_by(expected - n);
+                tracing::warn!(direction = %label, %table, change, missing = expected - n, "rows not found on the target");
             }
-            Ok(())
-        });
-        // The first poll sends the request, so statements reach the server in creation order.
+            Ok(Completion::Done)
+        }))
+        .await
+    }
+
+    /// Sends a request (its first poll puts it on the connection, so requests reach the server
+    /// in the order they are enqueued) and keeps it to collect its result later.
+    async fn enqueue(&mut self, mut fut: InFlight) -> Result<(), ApplyError> {
         if let Poll::Ready(r) = futures_util::poll!(fut.as_mut()) {
-            return r;
+            return r.map(|c| self.complete(c));
         }
         self.in_flight.push_back(fut);
         if self.in_flight.len() >= MAX_IN_FLIGHT
-            && let Some(f) = self.in_flight.pop_front() {
-                f.await?;
+            && let Some(f) = self.in_flight.pop_front()
+        {
+            let c = f.await?;
+            self.complete(c);
+        }
+        Ok(())
+    }
+
+    /// Books a completed request: a COMMIT moves the committed position and the metrics.
+    fn complete(&mut self, c: Completion) {
+        if let Completion::Committed { end_lsn, transactions, rows, started } = c {
+            debug_assert!(end_lsn >= self.committed, "origin progress must not go backwards");
+            self.committed = self.committed.max(end_lsn);
+            tracing::debug!(direction = %self.label, transactions, rows, open_ms = started.elapsed().as_millis() as u64,
+                %end_lsn, "batch committed");
+            let l = [self.label.as_str()];
+            self.metrics.applied_transactions.with_label_values(&l).inc_by(transactions);
+            self.metrics.applied_changes.with_label_values(&l).inc_by(rows);
+            self.metrics.apply_batch_transactions.with_label_values(&l).observe(transactions as f64);
+            self.metrics.apply_batch_seconds.with_label_values(&l).observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Collects the results of pipelined requests that have completed, without waiting.
+    pub async fn collect_completed(&mut self) -> Result<(), ApplyError> {
+        while let Some(f) = self.in_flight.front_mut() {
+            match futures_util::poll!(f.as_mut()) {
+                Poll::Pending => break,
+                Poll::Ready(r) => {
+                    self.in_flight.pop_front();
+                    match r {
+                        Ok(c) => self.complete(c),
+                        Err(e) => {
+                            self.in_flight.clear();
+                            return Err(e);
+                        }
+                    }
+                }
             }
+        }
         Ok(())
     }
 
     /// Waits for every pipelined statement, in order.
-    async fn drain(&mut self) -> Result<(), ApplyError> {
+    pub async fn drain(&mut self) -> Result<(), ApplyError> {
         while let Some(f) = self.in_flight.pop_front() {
-            if let Err(e) = f.await {
-                self.in_flight.clear();
-                return Err(e);
+            match f.await {
+                Ok(c) => self.complete(c),
+                Err(e) => {
+                    self.in_flight.clear();
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -567,32 +651,37 @@ impl Applier {
         b.must_end || b.rows >= self.cfg.batch_max_rows as u64 || b.started.elapsed() >= self.cfg.batch_max_delay
     }
 
-    /// Commits the open batch with the origin progress of its last source transaction.
+    /// Commits the open batch with the origin progress of its last source transaction. The
+    /// COMMIT is pipelined: [`Applier::committed_lsn`] moves when it completes (collected by
+    /// [`Applier::drain`], which [`Applier::flushed_progress`] calls).
     pub async fn commit_batch(&mut self) -> Result<(), ApplyError> {
         let Some(batch) = self.batch.take() else { return Ok(()) };
         self.flush_pending().await?;
-        self.drain().await?;
+        let client = self.client.clone();
+        let node = self.node.clone();
         let Some((end_lsn, commit_time)) = batch.last_end_lsn else {
             // No source transaction completed (cannot happen: batches close at commit boundaries).
-            self.client.batch_execute("ROLLBACK").await.map_err(self.db_err("rollback"))?;
-            return Ok(());
+            return self
+                .enqueue(Box::pin(async move {
+                    client.batch_execute("ROLLBACK").await.map_err(|e| ApplyError::Db(DbError::new(&node, "rollback", e)))?;
+                    Ok(Completion::Done)
+                }))
+                .await;
         };
-        debug_assert!(end_lsn >= self.committed, "origin progress must not go backwards");
         let sql = format!(
             "SELECT pg_replication_origin_xact_setup({}::pg_lsn, {}); COMMIT",
             quote_literal(&end_lsn.to_string()),
             pg_timestamp_literal(commit_time)
         );
-        self.client.batch_execute(&sql).await.map_err(self.db_err("cannot commit apply transaction"))?;
-        self.committed = end_lsn;
-        tracing::debug!(direction = %self.label, transactions = batch.transactions, rows = batch.rows,
-            open_ms = batch.started.elapsed().as_millis() as u64, %end_lsn, "batch committed");
-        let l = [self.label.as_str()];
-        self.metrics.applied_transactions.with_label_values(&l).inc_by(batch.transactions);
-        self.metrics.applied_changes.with_label_values(&l).inc_by(batch.rows);
-        self.metrics.apply_batch_transactions.with_label_values(&l).observe(batch.transactions as f64);
-        self.metrics.apply_batch_seconds.with_label_values(&l).observe(batch.started.elapsed().as_secs_f64());
-        Ok(())
+        let (transactions, rows, started) = (batch.transactions, batch.rows, batch.started);
+        self.enqueue(Box::pin(async move {
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| ApplyError::Db(DbError::new(&node, "cannot commit apply transaction", e)))?;
+            Ok(Completion::Committed { end_lsn, transactions, rows, started })
+        }))
+        .await
     }
 
     /// Abandons the open batch (after an error the connection is dropped anyway).
@@ -608,6 +697,7 @@ impl Applier {
     /// row is written because an empty transaction records nothing.
     pub async fn record_idle_position(&mut self, lsn: Lsn, source: &str) -> Result<(), ApplyError> {
         debug_assert!(self.batch.is_none());
+        self.drain().await?;
         if lsn <= self.committed {
             return Ok(());
         }
@@ -622,7 +712,7 @@ impl Applier {
             let _ = self.client.batch_execute("ROLLBACK").await;
             return Err(self.db_err("cannot record idle position in pgduplex.heartbeat")(e));
         }
-        self.committed = lsn;
+        self.committed = self.committed.max(lsn);
         Ok(())
     }
 

@@ -75,6 +75,7 @@ pub async fn run_direction(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let label = direction.label();
+    metrics.register_direction(&label);
     let mut backoff = Duration::from_millis(250);
     loop {
         if *shutdown.borrow() {
@@ -111,6 +112,8 @@ struct OpenTransaction {
     final_lsn: Lsn,
     /// Our own write coming back: its changes are dropped.
     echo: bool,
+    /// Changes of this transaction handed to the applier so far.
+    changes: u64,
 }
 
 struct State<'a> {
@@ -382,7 +385,7 @@ impl State<'_> {
                 if self.open.is_some() {
                     return Err(self.violation(lsn, "Begin inside an open transaction"));
                 }
-                self.open = Some(OpenTransaction { final_lsn: b.final_lsn, echo: false });
+                self.open = Some(OpenTransaction { final_lsn: b.final_lsn, echo: false, changes: 0 });
             }
             Message::Origin(o) => {
                 let Some(open) = &mut self.open else {
@@ -415,6 +418,11 @@ impl State<'_> {
             }
             Message::Truncate(tr) => {
                 if self.change_wanted(lsn)? {
+                    // TRUNCATE takes an ACCESS EXCLUSIVE lock: keep it out of a batch with earlier
+                    // source transactions (possible when it is its transaction's first change).
+                    if self.open.as_ref().is_some_and(|t| t.changes == 1) && self.applier.batch_open() {
+                        self.applier.commit_batch().await.map_err(|e| a(self, e))?;
+                    }
                     self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
                     self.applier.truncate(&tr).await.map_err(|e| a(self, e))?;
                 }
@@ -448,11 +456,14 @@ impl State<'_> {
         Ok(())
     }
 
-    /// Whether a change inside the open transaction should be applied (not an echo).
-    fn change_wanted(&self, lsn: Lsn) -> Result<bool, PipelineError> {
-        match &self.open {
+    /// Whether a change inside the open transaction should be applied (not an echo); counts it.
+    fn change_wanted(&mut self, lsn: Lsn) -> Result<bool, PipelineError> {
+        match &mut self.open {
             None => Err(self.violation(lsn, "change outside a transaction")),
-            Some(t) => Ok(!t.echo),
+            Some(t) => {
+                t.changes += 1;
+                Ok(!t.echo)
+            }
         }
     }
 
@@ -473,6 +484,7 @@ impl State<'_> {
 
     /// Sends a standby status update with the durable origin progress as flush position.
     async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), PipelineError> {
+        self.applier.collect_completed().await.map_err(|e| self.apply_err(e))?;
         if self.applier.committed_lsn() > self.flushed {
             let p = self.applier.flushed_progress().await.map_err(|e| self.apply_err(e))?;
             debug_assert!(p >= self.flushed, "origin progress went backwards");
