@@ -24,6 +24,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::tls::{TlsMode, TlsSettings};
+use std::sync::Arc;
+
 /// Why a configuration could not be used; every variant names the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,6 +78,10 @@ pub struct NodeConfig {
     pub name: NodeName,
     /// Parsed libpq-style connection settings (never logged: they may hold a password).
     pub pg: tokio_postgres::Config,
+    /// `sslmode` / `sslrootcert` from the URL.
+    pub tls: TlsSettings,
+    /// The TLS client configuration built from `tls` (None with `sslmode=disable`).
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl fmt::Debug for NodeConfig {
@@ -86,6 +93,7 @@ impl fmt::Debug for NodeConfig {
             .field("port", &self.pg.get_ports())
             .field("dbname", &self.pg.get_dbname())
             .field("user", &self.pg.get_user())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -221,9 +229,16 @@ impl Config {
         let mut nodes = BTreeMap::new();
         for (name, node) in raw_nodes {
             let name = NodeName::new(&name)?;
-            let pg = tokio_postgres::Config::from_str(&node.url).map_err(|e| {
+            let (url, tls) = TlsSettings::split_url(&node.url)
+                .map_err(|e| ConfigError::Invalid(format!("nodes.{name}.url: {e}")))?;
+            let mut pg = tokio_postgres::Config::from_str(&url).map_err(|e| {
                 ConfigError::Invalid(format!("nodes.{name}.url is not a valid PostgreSQL URL: {e}"))
             })?;
+            pg.ssl_mode(tls.mode.for_tokio_postgres());
+            let tls_config = match tls.mode {
+                TlsMode::Disable => None,
+                _ => Some(tls.client_config().map_err(|e| ConfigError::Invalid(format!("nodes.{name}.url: {e}")))?),
+            };
             if pg.get_hosts().is_empty() {
                 return Err(ConfigError::Invalid(format!("nodes.{name}.url names no host")));
             }
@@ -233,7 +248,7 @@ impl Config {
             if pg.get_user().is_none() {
                 return Err(ConfigError::Invalid(format!("nodes.{name}.url names no user")));
             }
-            nodes.insert(name.clone(), NodeConfig { name, pg });
+            nodes.insert(name.clone(), NodeConfig { name, pg, tls, tls_config });
         }
         let replication = raw
             .replication

@@ -75,17 +75,34 @@ pub async fn connect(node: &NodeConfig, application_name: &str) -> Result<Client
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(10));
     }
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| DbError::new(node.name.as_str(), "cannot connect", e))?;
     let name = node.name.to_string();
+    let err = |e| DbError::new(node.name.as_str(), "cannot connect", e);
+    let client = match &node.tls_config {
+        None => {
+            let (client, connection) = cfg.connect(NoTls).await.map_err(err)?;
+            spawn_connection(name, connection);
+            client
+        }
+        Some(tls) => {
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+            let (client, connection) = cfg.connect(connector).await.map_err(err)?;
+            spawn_connection(name, connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// Drives a connection until it closes.
+fn spawn_connection<F>(node: String, connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(node = %name, error = %describe(&e), "sql connection closed");
+            tracing::debug!(%node, error = %describe(&e), "sql connection closed");
         }
     });
-    Ok(client)
 }
 
 /// Quotes an SQL identifier the way `quote_ident` does, always (so case and keywords are safe).

@@ -14,3 +14,4 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod protocol;
 pub mod setup;
+pub mod tls;

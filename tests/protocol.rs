@@ -360,6 +360,8 @@ async fn trust_unix_socket_and_server_errors() {
             dbname: db.clone(),
             application_name: APP.into(),
             connect_timeout: STEP,
+            tls_mode: pgduplex::tls::TlsMode::Prefer,
+            tls_config: None,
         };
         let mut client = ReplicationClient::connect(&unix)
             .await
@@ -488,6 +490,8 @@ async fn connect_times_out_on_a_silent_server() {
         dbname: "d".into(),
         application_name: APP.into(),
         connect_timeout: Duration::from_millis(300),
+        tls_mode: pgduplex::tls::TlsMode::Disable,
+        tls_config: None,
     };
     let started = std::time::Instant::now();
     let err = within("connect timeout", ReplicationClient::connect(&params))

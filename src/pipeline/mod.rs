@@ -197,7 +197,9 @@ async fn stream_once(
         )));
     }
 
-    let params = ConnectParams::from_config(&source.pg, &format!("pgduplex stream {label}")).map_err(proto_err)?;
+    let mut params = ConnectParams::from_config(&source.pg, &format!("pgduplex stream {label}")).map_err(proto_err)?;
+    params.tls_mode = source.tls.mode;
+    params.tls_config = source.tls_config.clone();
     let mut repl = ReplicationClient::connect(&params).await.map_err(proto_err)?;
     // Text output of every value in a form any version's input functions read back exactly.
     repl.simple_query("SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3")

@@ -9,6 +9,7 @@ use postgres_protocol::message::frontend;
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
+use crate::tls::TlsMode;
 use super::commands::{self, CreatedSlot, IdentifySystem, SnapshotAction};
 use super::conn::{self, Conn, Socket};
 use super::frame::{self, Backend};
@@ -72,6 +73,7 @@ impl ReplicationClient {
 
     async fn connect_inner(params: &ConnectParams, server: String) -> Result<Self, ProtocolError> {
         let socket = open_socket(params, &server).await?;
+        let socket = negotiate_tls(socket, params, &server).await?;
         let mut conn = Conn::new(socket, server);
         let startup = [
             ("user", params.user.as_str()),
@@ -371,6 +373,46 @@ async fn open_socket(params: &ConnectParams, server: &str) -> Result<Socket, Pro
             ),
         )
     }))
+}
+
+/// Asks the server for TLS (SSLRequest) when `params.tls_mode` wants it and upgrades the
+/// socket. A server that declines is refused unless the mode is `prefer`.
+async fn negotiate_tls(socket: Socket, params: &ConnectParams, server: &str) -> Result<Socket, ProtocolError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Socket::Tcp(mut tcp) = socket else { return Ok(socket) };
+    if params.tls_mode == TlsMode::Disable {
+        return Ok(Socket::Tcp(tcp));
+    }
+    let mut request = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await.map_err(|e| ProtocolError::io(format!("sending SSLRequest to {server}"), e))?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(|e| ProtocolError::io(format!("reading the SSLRequest answer of {server}"), e))?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if !params.tls_mode.required() => return Ok(Socket::Tcp(tcp)),
+        b'N' => {
+            return Err(ProtocolError::Config(format!(
+                "{server} does not accept TLS connections, but the URL's sslmode requires TLS"
+            )));
+        }
+        other => {
+            return Err(ProtocolError::Protocol(format!("{server} answered SSLRequest with {other:#04x}")));
+        }
+    }
+    let config = match &params.tls_config {
+        Some(c) => c.clone(),
+        None => crate::tls::TlsSettings { mode: params.tls_mode, root_cert: None }
+            .client_config()
+            .map_err(|e| ProtocolError::Config(e.to_string()))?,
+    };
+    let name = rustls::pki_types::ServerName::try_from(params.host.clone())
+        .map_err(|e| ProtocolError::Config(format!("{} is not a valid TLS server name: {e}", params.host)))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ProtocolError::io(format!("TLS handshake with {server}"), e))?;
+    Ok(Socket::Tls(Box::new(tls)))
 }
 
 /// TCP with keepalives (a dead peer is noticed even while we only read) and no Nagle delay

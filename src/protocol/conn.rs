@@ -35,6 +35,8 @@ pub enum Socket {
     Tcp(TcpStream),
     /// `<dir>/.s.PGSQL.<port>`.
     Unix(UnixStream),
+    /// TCP with TLS (boxed: the TLS state is large).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// A fake server in unit tests.
     #[cfg(test)]
     Test(tokio::io::DuplexStream),
@@ -49,6 +51,7 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(test)]
             Socket::Test(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -64,6 +67,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
             Socket::Test(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -73,6 +77,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
             Socket::Test(s) => Pin::new(s).poll_flush(cx),
         }
@@ -82,6 +87,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]
             Socket::Test(s) => Pin::new(s).poll_shutdown(cx),
         }

@@ -1,7 +1,10 @@
 //! Where and as whom to open a replication connection.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tls::TlsMode;
 
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 
@@ -22,7 +25,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// so both kinds of connection always go to the same server as the same user.
 ///
 /// `Debug` never shows the password.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ConnectParams {
     /// Hostname, IP address, or the directory of the server's Unix socket when it starts with
     /// `/` (the socket is then `<host>/.s.PGSQL.<port>`, as libpq does it).
@@ -40,6 +43,10 @@ pub struct ConnectParams {
     /// Limit for TCP connect + startup + authentication together; `Duration::ZERO` means no
     /// limit (libpq's `connect_timeout=0`).
     pub connect_timeout: Duration,
+    /// libpq's sslmode (TLS is never used on a Unix socket, as in libpq).
+    pub tls_mode: TlsMode,
+    /// The TLS client configuration; `None` builds the default for `tls_mode`.
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ConnectParams {
@@ -49,26 +56,20 @@ impl ConnectParams {
     ///
     /// `application_name` is used when non-empty, else the URL's, else `pgduplex`.
     ///
-    /// Fails when the URL has no host, or asks for TLS or channel binding, which this
-    /// connection does not implement yet: silently connecting without TLS would be worse.
+    /// Fails when the URL has no host, or asks for channel binding, which this connection does
+    /// not implement yet. The TLS mode comes from the URL's `sslmode` as tokio-postgres parsed
+    /// it (disable/prefer/require); callers with richer settings set `tls_mode`/`tls_config`.
     pub fn from_config(
         cfg: &tokio_postgres::Config,
         application_name: &str,
     ) -> Result<Self, ProtocolError> {
-        if !matches!(cfg.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
-            return Err(ProtocolError::Config(
-                "the URL requires TLS (sslmode), which the replication connection does not \
-                 support yet: use sslmode=prefer or sslmode=disable"
-                    .into(),
-            ));
-        }
         if !matches!(
             cfg.get_channel_binding(),
             ChannelBinding::Disable | ChannelBinding::Prefer
         ) {
             return Err(ProtocolError::Config(
-                "the URL requires channel binding, which needs TLS: the replication connection \
-                 does not support TLS yet"
+                "the URL requires channel binding, which the replication connection does not \
+                 support yet (SCRAM-SHA-256-PLUS)"
                     .into(),
             ));
         }
@@ -122,6 +123,12 @@ impl ConnectParams {
             dbname,
             application_name,
             connect_timeout,
+            tls_mode: match cfg.get_ssl_mode() {
+                SslMode::Disable => TlsMode::Disable,
+                SslMode::Prefer => TlsMode::Prefer,
+                _ => TlsMode::Require,
+            },
+            tls_config: None,
         })
     }
 
@@ -206,11 +213,10 @@ mod tests {
     }
 
     #[test]
-    fn refuses_tls_and_missing_host() {
-        assert!(matches!(
-            params("host=db1 user=u sslmode=require"),
-            Err(ProtocolError::Config(_))
-        ));
+    fn tls_mode_from_url_and_missing_host_refused() {
+        let p = params("host=db1 user=u sslmode=require").unwrap();
+        assert_eq!(p.tls_mode, TlsMode::Require);
+        assert_eq!(params("host=db1 user=u").unwrap().tls_mode, TlsMode::Prefer);
         assert!(matches!(params("user=u"), Err(ProtocolError::Config(_))));
     }
 }

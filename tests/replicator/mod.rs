@@ -26,9 +26,10 @@ impl Node {
         Node { url: cluster.url(&db), name, db, port: cluster.port }
     }
 
-    /// A SQL client on this node's database.
+    /// A SQL client on this node's database (without TLS: test-side checks only).
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let (url, _) = pgduplex::tls::TlsSettings::split_url(&self.url).expect("test URL");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("connect to node {} ({}): {e}", self.name, self.url));
         tokio::spawn(conn);
