@@ -100,12 +100,7 @@ pub async fn check_direction(
         );
     }
     let origin = d.origin_name();
-    let origin_exists = target
-        .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
-        .await
-        .map_err(|e| DbError::new(tgt, "cannot read pg_replication_origin", e))?
-        .is_some();
-    if origin_exists && !has_slot {
+    if !has_slot && super::origin_exists(target, tgt, &origin).await? {
         problem(
             tgt,
             format!("replication origin {origin} already exists but slot {slot} does not exist on node {src}"),

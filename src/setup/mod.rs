@@ -101,12 +101,7 @@ async fn install_direction(
     ));
 
     let origin = d.origin_name();
-    let origin_exists = target
-        .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
-        .await
-        .map_err(|e| DbError::new(tgt, "cannot read pg_replication_origin", e))?
-        .is_some();
-    if !origin_exists {
+    if !origin_exists(target, tgt, &origin).await? {
         target
             .execute("SELECT pg_replication_origin_create($1)", &[&origin])
             .await
@@ -139,6 +134,15 @@ async fn install_direction(
         tracing::debug!(%slot, %lsn, "replication slot created");
     }
     Ok(())
+}
+
+/// Whether the replication origin `origin` exists on `node` (origins are per cluster).
+pub(crate) async fn origin_exists(client: &Client, node: &str, origin: &str) -> Result<bool, DbError> {
+    Ok(client
+        .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
+        .await
+        .map_err(|e| DbError::new(node, "cannot read pg_replication_origin", e))?
+        .is_some())
 }
 
 /// Removes what `init` created, slot first (a forgotten slot fills the source's disk). Objects
