@@ -114,9 +114,10 @@ impl Direction {
     pub fn slot_name(&self) -> String {
         format!("pgduplex_{}_to_{}", self.source, self.target)
     }
-    /// The publication on the source listing the replicated tables.
+    /// The publication on the source listing the replicated tables (per direction, so two
+    /// setups from one source database never change each other's table list).
     pub fn publication_name(&self) -> String {
-        format!("pgduplex_{}_pub", self.source)
+        format!("pgduplex_{}_to_{}", self.source, self.target)
     }
     /// The replication origin on the target that tags our writes and records progress.
     pub fn origin_name(&self) -> String {

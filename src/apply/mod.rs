@@ -150,6 +150,8 @@ pub struct Applier {
     batch: Option<Batch>,
     /// End LSN of the last source transaction committed on the target.
     committed: Lsn,
+    /// End LSN of a batch whose pipelined COMMIT has not been collected yet.
+    commit_in_flight: Option<Lsn>,
 }
 
 impl Applier {
@@ -166,7 +168,9 @@ impl Applier {
         let origin = direction.origin_name();
         let setup = format!(
             "SET session_replication_role = replica; SET synchronous_commit = off; \
-             SET lock_timeout = {}; SET DateStyle = ISO; SET IntervalStyle = postgres; \
+             SET lock_timeout = {}; SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SELECT set_config('transaction_timeout', '0', false) WHERE current_setting('server_version_num')::int >= 170000; \
+             SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = 'hex'; \
              SET extra_float_digits = 3; SET pgduplex.apply = on",
             cfg.lock_timeout.as_millis()
         );
@@ -219,6 +223,7 @@ impl Applier {
                 group: None,
                 batch: None,
                 committed,
+                commit_in_flight: None,
             },
             committed,
         ))
@@ -249,11 +254,20 @@ impl Applier {
     pub async fn begin_if_needed(&mut self) -> Result<(), ApplyError> {
         if self.batch.is_none() {
             // Deferrable constraints are checked at COMMIT, when the whole batch is in place.
+            // The previous batch's COMMIT must have succeeded before another batch may move the
+            // origin: a COMMIT that failed (a deferred constraint, a serialization failure)
+            // must stop the stream at that batch, never be skipped by a later one.
+            if self.commit_in_flight.is_some() {
+                self.drain().await?;
+            }
+            // READ COMMITTED whatever the target's default: a serializable COMMIT could fail
+            // after the origin was set up (see commit_batch).
+            let sql = "BEGIN ISOLATION LEVEL READ COMMITTED; SET CONSTRAINTS ALL DEFERRED";
             let client = self.client.clone();
             let node = self.node.clone();
             self.enqueue(Box::pin(async move {
                 client
-                    .batch_execute("BEGIN; SET CONSTRAINTS ALL DEFERRED")
+                    .batch_execute(sql)
                     .await
                     .map_err(|e| ApplyError::Db(DbError::new(&node, "cannot begin apply transaction", e)))?;
                 Ok(Completion::Done)
@@ -275,7 +289,14 @@ impl Applier {
             .map_err(self.db_err(format!("cannot read columns of {}.{}", rel.namespace, rel.name)))?;
         let cols: Vec<TargetColumn> = rows
             .iter()
-            .map(|r| TargetColumn { name: r.get(0), generated: r.get(1), identity_always: r.get(2), type_name: r.get(3) })
+            .map(|r| TargetColumn {
+                name: r.get(0),
+                generated: r.get(1),
+                identity_always: r.get(2),
+                type_name: r.get(3),
+                unique: r.get(4),
+                partitioned: r.get(5),
+            })
             .collect();
         let map = TableMap::resolve(rel, &cols)?;
         self.statements.retain(|k, _| k.relation != rel.oid);
@@ -397,11 +418,15 @@ impl Applier {
         let node = self.node.clone();
         let metrics = self.metrics.clone();
         let label = self.label.clone();
+        let context = match &expect_rows {
+            Some((change, table, _)) => format!("{change} on {table} failed"),
+            None => "apply statement failed".to_string(),
+        };
         self.enqueue(Box::pin(async move {
             let n = client
                 .execute_raw(&stmt, params.iter())
                 .await
-                .map_err(|e| ApplyError::Db(DbError::new(&node, "apply statement failed", e)))?;
+                .map_err(|e| ApplyError::Db(DbError::new(&node, context, e)))?;
             if let Some((change, table, expected)) = expect_rows
                 && n < expected
             {
@@ -434,6 +459,9 @@ impl Applier {
         if let Completion::Committed { end_lsn, transactions, rows, started } = c {
             debug_assert!(end_lsn >= self.committed, "origin progress must not go backwards");
             self.committed = self.committed.max(end_lsn);
+            if self.commit_in_flight.is_some_and(|l| l <= end_lsn) {
+                self.commit_in_flight = None;
+            }
             tracing::debug!(direction = %self.label, transactions, rows, open_ms = started.elapsed().as_millis() as u64,
                 %end_lsn, "batch committed");
             let l = [self.label.as_str()];
@@ -537,11 +565,14 @@ impl Applier {
             }
             set.push(i);
         }
+        // Setting a unique column (a key change included) goes alone: a multi-row UPDATE
+        // checks uniqueness row by row, so a valid chain or swap would fail or be lost.
+        let solo = set.iter().any(|&c| table.unique[c]);
         self.count_row();
         if set.is_empty() {
             return Ok(());
         }
-        self.add_row(up.relation_oid, b'U', set, id_cols, params, id_vals).await
+        self.add_row(up.relation_oid, b'U', set, id_cols, params, id_vals, solo).await
     }
 
     /// Pipelines a DELETE.
@@ -551,11 +582,12 @@ impl Applier {
         let old = del.old_key.as_ref().or(del.old_row.as_ref());
         let (id_cols, id_vals) = Self::identity(table, old, None)?;
         self.count_row();
-        self.add_row(del.relation_oid, b'D', Vec::new(), id_cols, Vec::new(), id_vals).await
+        self.add_row(del.relation_oid, b'D', Vec::new(), id_cols, Vec::new(), id_vals, false).await
     }
 
     /// Adds an update (`kind` `U`) or delete (`D`) to the row group, sending the group first
     /// when this row cannot join it (other table or columns, a key already in it, full).
+    #[allow(clippy::too_many_arguments)] // one row's parts; a struct would only be unpacked here
     async fn add_row(
         &mut self,
         relation: u32,
@@ -564,11 +596,12 @@ impl Applier {
         identity: Vec<usize>,
         mut params: Vec<TextValue>,
         id_vals: Vec<TextValue>,
+        solo: bool,
     ) -> Result<(), ApplyError> {
         let key: Vec<Option<Bytes>> = id_vals.iter().map(|v| v.0.clone()).collect();
         let per_row = set.len() + identity.len();
         let max_rows = GROUP_MAX_ROWS.min(u16::MAX as usize / per_row.max(1));
-        let fits = self.group.as_ref().is_none_or(|g| {
+        let fits = !solo && self.group.as_ref().is_none_or(|g| {
             g.relation == relation
                 && g.kind == kind
                 && g.set == set
@@ -592,6 +625,9 @@ impl Applier {
         g.keys.insert(key);
         g.params.extend(params);
         g.rows += 1;
+        if solo {
+            self.flush_group().await?;
+        }
         Ok(())
     }
 
@@ -633,7 +669,7 @@ impl Applier {
         self.flush_pending().await?;
         self.drain().await?;
         let maps: Vec<&TableMap> = tr.relation_oids.iter().map(|&o| self.table(o)).collect::<Result<_, _>>()?;
-        let sql = TableMap::truncate_sql(&maps, tr.cascade, tr.restart_identity);
+        let sql = TableMap::truncate_sql(&maps, tr.restart_identity);
         self.client.batch_execute(&sql).await.map_err(self.db_err(sql.clone()))?;
         if let Some(b) = &mut self.batch {
             b.rows += tr.relation_oids.len() as u64;
@@ -668,12 +704,17 @@ impl Applier {
                 }))
                 .await;
         };
+        // Deferred constraints are checked (SET CONSTRAINTS ALL IMMEDIATE) before the origin is
+        // set up: PostgreSQL 14+ advances the origin on ABORT too, so a COMMIT that failed after
+        // xact_setup would move the origin past a batch that was rolled back. Nothing that can
+        // fail for the data's sake may run between xact_setup and COMMIT.
         let sql = format!(
-            "SELECT pg_replication_origin_xact_setup({}::pg_lsn, {}); COMMIT",
+            "SET CONSTRAINTS ALL IMMEDIATE; SELECT pg_replication_origin_xact_setup({}::pg_lsn, {}); COMMIT",
             quote_literal(&end_lsn.to_string()),
             pg_timestamp_literal(commit_time)
         );
         let (transactions, rows, started) = (batch.transactions, batch.rows, batch.started);
+        self.commit_in_flight = Some(end_lsn);
         self.enqueue(Box::pin(async move {
             client
                 .batch_execute(&sql)
@@ -687,6 +728,7 @@ impl Applier {
     /// Abandons the open batch (after an error the connection is dropped anyway).
     pub fn abandon(&mut self) {
         self.in_flight.clear();
+        self.commit_in_flight = None;
         self.copy = None;
         self.group = None;
         self.batch = None;
@@ -702,7 +744,7 @@ impl Applier {
             return Ok(());
         }
         let sql = format!(
-            "BEGIN; INSERT INTO pgduplex.heartbeat AS h (source_node, lsn, at) VALUES ({src}, {l}::pg_lsn, now()) \
+            "BEGIN ISOLATION LEVEL READ COMMITTED; INSERT INTO pgduplex.heartbeat AS h (source_node, lsn, at) VALUES ({src}, {l}::pg_lsn, now()) \
              ON CONFLICT (source_node) DO UPDATE SET lsn = excluded.lsn, at = excluded.at; \
              SELECT pg_replication_origin_xact_setup({l}::pg_lsn, now()); COMMIT",
             src = quote_literal(source),
@@ -713,6 +755,7 @@ impl Applier {
             return Err(self.db_err("cannot record idle position in pgduplex.heartbeat")(e));
         }
         self.committed = self.committed.max(lsn);
+        tracing::debug!(direction = %self.label, %lsn, "recorded idle position");
         Ok(())
     }
 

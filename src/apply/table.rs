@@ -17,10 +17,16 @@ pub struct TargetColumn {
     pub generated: bool,
     /// `GENERATED ALWAYS AS IDENTITY`: inserts need `OVERRIDING SYSTEM VALUE`.
     pub identity_always: bool,
-    /// The column's type without its modifier (used to type multi-row VALUES lists; the
+    /// The column's type without its modifier, as `format_type(oid, -1)` spells it (`bpchar`,
+    /// not `character`, which would mean char(1)). Used to type multi-row VALUES lists; the
     /// modifier is applied by the assignment, which errors where an explicit cast would
-    /// silently truncate).
+    /// silently truncate.
     pub type_name: String,
+    /// Part of a unique or exclusion index: updates setting it are not grouped (a multi-row
+    /// UPDATE checks uniqueness per row, so valid chains and swaps would fail or be lost).
+    pub unique: bool,
+    /// The table is partitioned (the same for every column of a table).
+    pub partitioned: bool,
 }
 
 /// A source relation resolved against the target table.
@@ -40,6 +46,10 @@ pub struct TableMap {
     pub key: Vec<usize>,
     /// Per source column: the target column's type, for casts in multi-row statements.
     pub types: Vec<String>,
+    /// Per source column: part of a unique or exclusion index on the target.
+    pub unique: Vec<bool>,
+    /// The target is a partitioned table (TRUNCATE cannot use ONLY; ctid needs tableoid).
+    pub partitioned: bool,
     /// Per source column: an identity column GENERATED ALWAYS on the target. UPDATE cannot
     /// set such a column (only INSERT has OVERRIDING SYSTEM VALUE), and on the source an
     /// UPDATE can only change it with `SET col = DEFAULT`, so updates leave it out.
@@ -61,6 +71,7 @@ impl TableMap {
         let mut names = Vec::with_capacity(rel.columns.len());
         let mut identity_always = Vec::with_capacity(rel.columns.len());
         let mut types = Vec::with_capacity(rel.columns.len());
+        let mut unique = Vec::with_capacity(rel.columns.len());
         let mut overriding = false;
         for col in &rel.columns {
             let t = target_columns.iter().find(|t| t.name == col.name).ok_or_else(|| ApplyError::MissingColumn {
@@ -70,6 +81,7 @@ impl TableMap {
             names.push(quote_ident(&t.name));
             identity_always.push(t.identity_always);
             types.push(t.type_name.clone());
+            unique.push(t.unique);
             if t.generated {
                 columns.push(None);
             } else {
@@ -94,6 +106,8 @@ impl TableMap {
             names,
             columns,
             types,
+            unique,
+            partitioned: target_columns.first().is_some_and(|c| c.partitioned),
             identity_always,
             key,
             full_identity,
@@ -207,18 +221,26 @@ impl TableMap {
 
     /// The row filter over the identity columns `identity`, parameters numbered after `offset`.
     /// With a key it is `k1 = $n AND ...` (an index lookup). With REPLICA IDENTITY FULL it
-    /// compares every sent old column as text (types such as json have no equality operator)
-    /// and touches exactly one matching row, as the native apply worker does.
+    /// compares every sent old column as text (types such as json have no equality operator),
+    /// both sides rendered by the target session from a value of the column's type (so `t`
+    /// and `true`, or char padding, compare equal), and touches exactly one matching row, as
+    /// the native apply worker does; `tableoid` with `ctid` because a partitioned table's
+    /// partitions reuse ctids.
     pub fn where_clause(&self, identity: &[usize], offset: usize) -> String {
         let name = |c: usize| self.names[c].as_str();
         if self.full_identity {
             let conds: Vec<String> = identity
                 .iter()
                 .enumerate()
-                .map(|(p, &c)| format!("{}::text IS NOT DISTINCT FROM ${}::text", name(c), offset + p + 1))
+                .map(|(p, &c)| {
+                    format!("{}::text IS NOT DISTINCT FROM (${}::{})::text", name(c), offset + p + 1, self.types[c])
+                })
                 .collect();
             let conds = if conds.is_empty() { "true".to_string() } else { conds.join(" AND ") };
-            format!("ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1 FOR UPDATE)", self.target, conds)
+            format!(
+                "(tableoid, ctid) = (SELECT tableoid, ctid FROM {} WHERE {} LIMIT 1 FOR UPDATE)",
+                self.target, conds
+            )
         } else {
             identity
                 .iter()
@@ -229,22 +251,25 @@ impl TableMap {
         }
     }
 
-    /// `TRUNCATE ONLY` of several tables, as one statement (as the source ran it).
-    pub fn truncate_sql(tables: &[&TableMap], cascade: bool, restart_identity: bool) -> String {
-        let names: Vec<&str> = tables.iter().map(|t| t.target.as_str()).collect();
-        format!(
-            "TRUNCATE ONLY {}{}{}",
-            names.join(", "),
-            if restart_identity { " RESTART IDENTITY" } else { "" },
-            if cascade { " CASCADE" } else { "" }
-        )
+    /// `TRUNCATE` of several tables, as one statement (as the source ran it): `ONLY` for
+    /// plain tables (a partitioned one cannot use it), and never CASCADE: the source lists
+    /// every table its cascade reached, and a cascade on the target could empty tables that
+    /// are not replicated (the native apply worker does the same).
+    pub fn truncate_sql(tables: &[&TableMap], restart_identity: bool) -> String {
+        let names: Vec<String> = tables
+            .iter()
+            .map(|t| if t.partitioned { t.target.clone() } else { format!("ONLY {}", t.target) })
+            .collect();
+        format!("TRUNCATE {}{}", names.join(", "), if restart_identity { " RESTART IDENTITY" } else { "" })
     }
 }
 
 /// The catalog query listing a target table's live columns; parameters: schema, table.
 pub const TARGET_COLUMNS_SQL: &str = "SELECT a.attname::text, a.attgenerated <> '' AS generated, \
-     a.attidentity = 'a' AS identity_always, \
-     CASE WHEN a.atttypid = 'bit'::regtype THEN 'bit varying' ELSE format_type(a.atttypid, NULL) END \
+     a.attidentity = 'a' AS identity_always, format_type(a.atttypid, -1), \
+     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisunique OR i.indisexclusion) \
+             AND a.attnum = ANY (i.indkey)) AS in_unique, \
+     c.relkind = 'p' AS partitioned \
      FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
 
@@ -283,7 +308,14 @@ mod tests {
     }
 
     fn tcol(name: &str, generated: bool) -> TargetColumn {
-        TargetColumn { name: name.into(), generated, identity_always: false, type_name: "text".into() }
+        TargetColumn {
+            name: name.into(),
+            generated,
+            identity_always: false,
+            type_name: "text".into(),
+            unique: false,
+            partitioned: false,
+        }
     }
 
     #[test]
@@ -310,7 +342,8 @@ mod tests {
         let m = TableMap::resolve(&r, &[tcol("a", false), tcol("b", false)]).unwrap();
         let sql = m.delete_sql(&[0, 1]);
         assert!(sql.contains("LIMIT 1"), "{sql}");
-        assert!(sql.contains(r#""b"::text IS NOT DISTINCT FROM $2::text"#), "{sql}");
+        assert!(sql.contains(r#""b"::text IS NOT DISTINCT FROM ($2::text)::text"#), "{sql}");
+        assert!(sql.starts_with(r#"DELETE FROM "public"."T" WHERE (tableoid, ctid) = (SELECT tableoid, ctid"#), "{sql}");
     }
 
     #[test]

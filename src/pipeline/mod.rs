@@ -45,9 +45,10 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
-    /// Errors after which the process should stop rather than reconnect.
+    /// Errors after which the process should stop rather than reconnect: retrying cannot
+    /// help when the stream itself is undecodable or breaks the protocol's rules.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, PipelineError::Fatal { .. })
+        matches!(self, PipelineError::Fatal { .. } | PipelineError::Decode { .. } | PipelineError::Violation { .. })
     }
 
     /// The `kind` label of `pgduplex_errors_total`.
@@ -65,6 +66,9 @@ impl PipelineError {
 /// How long to let a message-by-message stream accumulate before the next read (see
 /// [`ReplicationStream::set_read_coalescing`]): at most this much added latency.
 const READ_COALESCING: Duration = Duration::from_millis(1);
+
+/// How often the slot's retained WAL and status are read.
+const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs one direction until shutdown, reconnecting with backoff after errors. Returns an error
 /// only for fatal problems.
@@ -202,7 +206,10 @@ async fn stream_once(
     params.tls_config = source.tls_config.clone();
     let mut repl = ReplicationClient::connect(&params).await.map_err(proto_err)?;
     // Text output of every value in a form any version's input functions read back exactly.
-    repl.simple_query("SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3")
+    repl.simple_query(
+        "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
+         SET TimeZone = 'UTC'; SET bytea_output = 'hex'",
+    )
         .await
         .map_err(proto_err)?;
     let version = repl.server_version_num();
@@ -235,10 +242,16 @@ async fn stream_once(
     let status_interval = Duration::from_millis(
         (u64::try_from(wal_sender_timeout_ms).unwrap_or(0) / 2).clamp(100, 1000),
     );
+    // Wakes the loop when nothing arrives; the periodic work itself runs after every iteration
+    // (below), so a stream that always has data ready cannot starve status updates.
     let mut status_tick = tokio::time::interval(status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut slot_tick = tokio::time::interval(Duration::from_secs(10));
-    slot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_status = Instant::now() + status_interval;
+    let mut next_slot_check = Instant::now();
+    let mut last_message = Instant::now();
+    // We ask for a reply every status interval, so a silent server is a dead connection.
+    let receive_timeout = Duration::from_millis(u64::try_from(wal_sender_timeout_ms).unwrap_or(0).saturating_mul(2))
+        .max(Duration::from_secs(120));
 
     let mut st = State {
         direction,
@@ -272,7 +285,8 @@ async fn stream_once(
                 }
                 armed = deadline;
             }
-            // Priority: shutdown > batch deadline > new WAL > status update > slot monitor.
+            // Priority: shutdown > batch deadline > new WAL > idle wake-up; status updates and
+            // the slot monitor run after each iteration when due.
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -288,6 +302,7 @@ async fn stream_once(
                     st.applier.commit_batch().await.map_err(|e| st.apply_err(e))?;
                 }
                 msg = stream.next() => {
+                    last_message = Instant::now();
                     match msg.map_err(proto_err)? {
                         None => return Err(PipelineError::Protocol {
                             direction: st.label.clone(),
@@ -307,29 +322,24 @@ async fn stream_once(
                         }
                     }
                 }
-                _ = status_tick.tick() => {
-                    // Reply requested: the server's answer is a keepalive with its current
-                    // position, which lets an idle slot advance (see on_keepalive).
-                    st.send_status(&mut stream, true).await?;
+                _ = status_tick.tick() => {}
+            }
+            let now = Instant::now();
+            if now >= next_status {
+                if last_message.elapsed() > receive_timeout {
+                    return Err(proto_err(ProtocolError::Timeout(format!(
+                        "nothing received for {:?} although replies were requested",
+                        last_message.elapsed()
+                    ))));
                 }
-                _ = slot_tick.tick() => {
-                    match read_slot_usage(&source_sql, &slot).await {
-                        Ok(Some((retained, status))) => {
-                            st.metrics.slot_retained_wal_bytes.with_label_values(&[&st.label]).set(retained);
-                            if status.as_deref() == Some("lost") {
-                                return Err(PipelineError::Fatal {
-                                    direction: st.label.clone(),
-                                    message: format!("replication slot {slot} lost WAL it needed (wal_status = lost)"),
-                                });
-                            }
-                        }
-                        Ok(None) => return Err(PipelineError::Fatal {
-                            direction: st.label.clone(),
-                            message: format!("replication slot {slot} was dropped on node {}", st.direction.source),
-                        }),
-                        Err(e) => warn!(direction = %st.label, error = %crate::db::describe(&e), "cannot read slot usage"),
-                    }
-                }
+                // Reply requested: the server's answer is a keepalive with its current
+                // position, which lets an idle slot advance (see on_keepalive).
+                st.send_status(&mut stream, true).await?;
+                next_status = now + status_interval;
+            }
+            if now >= next_slot_check {
+                next_slot_check = now + SLOT_CHECK_INTERVAL;
+                check_slot(metrics, &label, direction.source.as_str(), &source_sql, &slot).await?;
             }
         }
     }
@@ -338,6 +348,36 @@ async fn stream_once(
         st.applier.abandon();
     }
     result
+}
+
+/// Reads the slot's retained WAL into the metric; a lost or dropped slot is fatal.
+async fn check_slot(
+    metrics: &Metrics,
+    label: &str,
+    source_node: &str,
+    source_sql: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), PipelineError> {
+    match read_slot_usage(source_sql, slot).await {
+        Ok(Some((retained, status))) => {
+            metrics.slot_retained_wal_bytes.with_label_values(&[label]).set(retained);
+            if status.as_deref() == Some("lost") {
+                return Err(PipelineError::Fatal {
+                    direction: label.to_string(),
+                    message: format!("replication slot {slot} lost WAL it needed (wal_status = lost)"),
+                });
+            }
+            Ok(())
+        }
+        Ok(None) => Err(PipelineError::Fatal {
+            direction: label.to_string(),
+            message: format!("replication slot {slot} was dropped on node {source_node}"),
+        }),
+        Err(e) => {
+            warn!(direction = %label, error = %crate::db::describe(&e), "cannot read slot usage");
+            Ok(())
+        }
+    }
 }
 
 /// The slot's confirmed_flush_lsn and wal_status, or `None` when the slot does not exist.

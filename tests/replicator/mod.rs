@@ -33,6 +33,8 @@ impl Node {
             .await
             .unwrap_or_else(|e| panic!("connect to node {} ({}): {e}", self.name, self.url));
         tokio::spawn(conn);
+        // Compare instants, not how each database's TimeZone prints them.
+        client.batch_execute("SET TimeZone = 'UTC'").await.expect("SET TimeZone");
         client
     }
 }
@@ -101,7 +103,7 @@ impl Setup {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
-            .env("PGDUPLEX_LOG", "info")
+            .env("PGDUPLEX_LOG", std::env::var("PGDUPLEX_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
