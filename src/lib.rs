@@ -15,3 +15,4 @@ pub mod pipeline;
 pub mod protocol;
 pub mod setup;
 pub mod tls;
+pub mod versions;
