@@ -70,8 +70,10 @@ async fn typmods_full_identity_partitions_and_key_chains() {
     assert_eq!(n, 1);
 }
 
-/// A COMMIT that fails on the target (here a deferred constraint trigger) must hold the
-/// stream at that transaction: later transactions may not be applied past it.
+/// A batch that fails on the target at its end (here a deferred constraint trigger, which
+/// pgduplex fires with SET CONSTRAINTS ALL IMMEDIATE before recording the origin) must hold the
+/// stream at that transaction: later transactions, pipelined behind it, may not be applied past
+/// it. (Before the fix, PostgreSQL's advance of the origin on ABORT let the next batch skip it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_commit_holds_the_stream() {
     let source = Node::fresh(shared_cluster(PgVersion::V15), "fsrc").await;
@@ -92,7 +94,9 @@ async fn failing_commit_holds_the_stream() {
     )
     .await
     .unwrap();
-    let setup = Setup::new(&source, &target, &["public.t"], "");
+    // Every source transaction its own batch, so the failing one is followed by another batch
+    // pipelined behind its COMMIT.
+    let setup = Setup::new(&source, &target, &["public.t"], "[apply]\nbatch_max_delay_ms = 0");
     setup.init();
     let run = setup.run();
     s.batch_execute("UPDATE t SET v = 'boom' WHERE id = 3").await.unwrap();

@@ -254,20 +254,28 @@ impl Applier {
     pub async fn begin_if_needed(&mut self) -> Result<(), ApplyError> {
         if self.batch.is_none() {
             // Deferrable constraints are checked at COMMIT, when the whole batch is in place.
-            // The previous batch's COMMIT must have succeeded before another batch may move the
-            // origin: a COMMIT that failed (a deferred constraint, a serialization failure)
-            // must stop the stream at that batch, never be skipped by a later one.
-            if self.commit_in_flight.is_some() {
-                self.drain().await?;
-            }
             // READ COMMITTED whatever the target's default: a serializable COMMIT could fail
             // after the origin was set up (see commit_batch).
-            let sql = "BEGIN ISOLATION LEVEL READ COMMITTED; SET CONSTRAINTS ALL DEFERRED";
+            //
+            // While the previous batch's COMMIT is still in flight (pipelined), this batch first
+            // checks that it landed: if that batch failed, this one must fail too, never commit
+            // and move the origin past the lost batch.
+            let sql = match self.commit_in_flight {
+                None => "BEGIN ISOLATION LEVEL READ COMMITTED; SET CONSTRAINTS ALL DEFERRED".to_string(),
+                Some(lsn) => format!(
+                    "BEGIN ISOLATION LEVEL READ COMMITTED; SET CONSTRAINTS ALL DEFERRED; \
+                     DO $pgduplex$BEGIN \
+                     IF coalesce(pg_replication_origin_session_progress(false) < {l}::pg_lsn, true) THEN \
+                     RAISE EXCEPTION 'the previous apply transaction (source transactions up to {lsn}) did not commit'; \
+                     END IF; END$pgduplex$",
+                    l = quote_literal(&lsn.to_string())
+                ),
+            };
             let client = self.client.clone();
             let node = self.node.clone();
             self.enqueue(Box::pin(async move {
                 client
-                    .batch_execute(sql)
+                    .batch_execute(&sql)
                     .await
                     .map_err(|e| ApplyError::Db(DbError::new(&node, "cannot begin apply transaction", e)))?;
                 Ok(Completion::Done)

@@ -65,7 +65,7 @@ impl PipelineError {
 
 /// How long to let a message-by-message stream accumulate before the next read (see
 /// [`ReplicationStream::set_read_coalescing`]): at most this much added latency.
-const READ_COALESCING: Duration = Duration::from_millis(1);
+const READ_COALESCING: Duration = Duration::from_millis(3);
 
 /// How often the slot's retained WAL and status are read.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
