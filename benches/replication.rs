@@ -128,7 +128,7 @@ fn main() {
     for (w, (native, ours)) in results {
         let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
         println!(
-            "| {} {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            "| {} {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
             w.name,
             w.what,
             rate(w.rows, native),
