@@ -69,8 +69,17 @@ async fn one_way(source_version: PgVersion, target_version: PgVersion) {
     let target = Node::fresh(shared_cluster(target_version), "dst").await;
     source.client().await.batch_execute(SCHEMA).await.expect("schema on source");
     target.client().await.batch_execute(SCHEMA).await.expect("schema on target");
+    // Another tool's replication origin on the source is reported, not treated as ours.
+    let other_origin = format!("other_tool_{}", source.name);
+    source.client().await.execute("SELECT pg_replication_origin_create($1)", &[&other_origin]).await.unwrap();
     let setup = Setup::new(&source, &target, &["public.*"], "");
-    setup.init();
+    let out = setup.command(&["init"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains(&format!("replication origin {other_origin} is not pgduplex's")),
+        "init does not report the other origin:\n{stdout}"
+    );
     let mut run = setup.run();
 
     let src = source.client().await;
@@ -138,6 +147,7 @@ async fn one_way(source_version: PgVersion, target_version: PgVersion) {
         .unwrap()
         .get(0);
     assert_eq!(leftover, 0, "teardown left an origin or the pgduplex schema on the target");
+    src.execute("SELECT pg_replication_origin_drop($1)", &[&other_origin]).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,9 +60,34 @@ pub async fn init(config: &Config) -> Result<InitReport, SetupError> {
         return Err(SetupError::Prerequisites(problems));
     }
     for (d, source, target, tables) in plans {
+        report_foreign_replication(&d, &source, &mut report).await?;
         install_direction(&d, &source, &target, &tables, &mut report).await?;
     }
     Ok(report)
+}
+
+/// Lists replication origins and subscriptions on the source that are not pgduplex's, and
+/// says what pgduplex does with what they write (DESIGN §4): it replicates it like any other
+/// change; only its own origins' transactions are dropped as echoes.
+async fn report_foreign_replication(d: &Direction, source: &Client, report: &mut InitReport) -> Result<(), DbError> {
+    let src = d.source.as_str();
+    let rows = source
+        .query(
+            "SELECT 'replication origin ' || roname FROM pg_replication_origin WHERE roname NOT LIKE 'pgduplex\\_%' \
+             UNION ALL SELECT 'subscription ' || subname FROM pg_subscription \
+             WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::new(src, "cannot list replication origins and subscriptions", e))?;
+    for r in rows {
+        let what: String = r.get(0);
+        report.lines.push(format!(
+            "node {src}: {what} is not pgduplex's: changes it applies here are replicated to node {} like any other",
+            d.target
+        ));
+    }
+    Ok(())
 }
 
 async fn install_direction(
@@ -202,11 +227,26 @@ pub async fn teardown(config: &Config) -> Result<Vec<String>, SetupError> {
         if n > 0 {
             lines.push(format!("node {tgt}: replication origin {origin} dropped"));
         }
-        target
-            .batch_execute("DROP SCHEMA IF EXISTS pgduplex CASCADE")
+        // The schema goes only when no other pgduplex setup on this database still uses it.
+        // (An error here means the table is gone already: nothing else uses the schema.)
+        let others: i64 = target
+            .query_one("SELECT count(*) FROM pgduplex.heartbeat WHERE source_node <> $1", &[&src])
             .await
-            .map_err(|e| DbError::new(tgt, "cannot drop schema pgduplex", e))?;
-        lines.push(format!("node {tgt}: schema pgduplex dropped"));
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if others == 0 {
+            target
+                .batch_execute("DROP SCHEMA IF EXISTS pgduplex CASCADE")
+                .await
+                .map_err(|e| DbError::new(tgt, "cannot drop schema pgduplex", e))?;
+            lines.push(format!("node {tgt}: schema pgduplex dropped"));
+        } else {
+            target
+                .execute("DELETE FROM pgduplex.heartbeat WHERE source_node = $1", &[&src])
+                .await
+                .map_err(|e| DbError::new(tgt, "cannot clean pgduplex.heartbeat", e))?;
+            lines.push(format!("node {tgt}: schema pgduplex kept: another pgduplex setup uses it"));
+        }
     }
     Ok(lines)
 }
