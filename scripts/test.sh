@@ -5,7 +5,7 @@
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh --test harness  # extra args go to `cargo test` (a target flag replaces
-#                                        # --all-targets)
+#                                        # the default --lib --bins --tests)
 #   bash scripts/test.sh -- --nocapture  # args after -- go to the test binaries
 #
 # PGDUPLEX_PG15_BIN / PGDUPLEX_PG18_BIN, when already set, win over the installed defaults.
@@ -24,9 +24,10 @@ export PGDUPLEX_PG15_BIN PGDUPLEX_PG18_BIN
 echo "test.sh: PGDUPLEX_PG15_BIN=$PGDUPLEX_PG15_BIN" >&2
 echo "test.sh: PGDUPLEX_PG18_BIN=$PGDUPLEX_PG18_BIN" >&2
 
-# Every target by default; when the caller picks targets (--test harness, --lib, ...), only those:
-# cargo would otherwise run --all-targets *and* the picked ones.
-targets=(--all-targets)
+# Every test target by default; when the caller picks targets (--test harness, --lib, ...), only
+# those: cargo would otherwise run the defaults *and* the picked ones. Benchmarks are built (so
+# they cannot rot) but not run: they are measurements, never a gate.
+targets=(--lib --bins --tests)
 for arg in "$@"; do
     case $arg in
         --) break ;;
@@ -37,4 +38,7 @@ for arg in "$@"; do
             ;;
     esac
 done
+if [ ${#targets[@]} -gt 0 ]; then
+    cargo build --release --benches
+fi
 exec cargo test --release "${targets[@]}" "$@"
