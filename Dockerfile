@@ -4,6 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY sql ./sql
+# Declared in Cargo.toml, so the manifest needs it present (it is not built here).
+COPY benches ./benches
 RUN cargo build --release --locked --bin pgduplex
 
 FROM debian:bookworm-slim
