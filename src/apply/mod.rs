@@ -406,12 +406,9 @@ impl Applier {
         .await
     }
 
-    /// The prepared statement for `key`, preparing `sql()` the first time.
-    async fn statement(&mut self, key: StatementKey, sql: impl FnOnce() -> String) -> Result<Statement, ApplyError> {
-        if let Some(s) = self.statements.get(&key) {
-            return Ok(s.clone());
-        }
-        let sql = sql();
+    /// Prepares `sql` and caches it under `key` (callers look the cache up first, so SQL text
+    /// is built only on a miss).
+    async fn prepare(&mut self, key: StatementKey, sql: String) -> Result<Statement, ApplyError> {
         // A request that waits for its answer must not queue behind an unfinished COPY.
         self.drain().await?;
         let s = self.client.prepare(&sql).await.map_err(self.db_err(format!("cannot prepare {sql}")))?;
@@ -658,14 +655,19 @@ impl Applier {
             let rows = if single_only { 1 } else { 1 << remaining.ilog2() };
             remaining -= rows;
             let key = StatementKey { relation: g.relation, kind: g.kind, columns: columns.clone(), rows };
-            let table = self.table(g.relation)?;
-            let sql = match (g.kind, rows) {
-                (b'U', 1) => table.update_sql(&g.set, &g.identity),
-                (b'U', n) => table.update_many_sql(&g.set, &g.identity, n),
-                (_, 1) => table.delete_sql(&g.identity),
-                (_, n) => table.delete_many_sql(&g.identity, n),
+            let stmt = match self.statements.get(&key) {
+                Some(s) => s.clone(),
+                None => {
+                    let table = self.table(g.relation)?;
+                    let sql = match (g.kind, rows) {
+                        (b'U', 1) => table.update_sql(&g.set, &g.identity),
+                        (b'U', n) => table.update_many_sql(&g.set, &g.identity, n),
+                        (_, 1) => table.delete_sql(&g.identity),
+                        (_, n) => table.delete_many_sql(&g.identity, n),
+                    };
+                    self.prepare(key, sql).await?
+                }
             };
-            let stmt = self.statement(key, || sql).await?;
             let chunk: Vec<TextValue> = params.by_ref().take(rows * per_row).collect();
             self.pipeline(stmt, chunk, Some((change, display.clone(), rows as u64))).await?;
         }
