@@ -149,3 +149,33 @@ async fn columns_added_and_dropped_while_running() {
     })
     .await;
 }
+
+/// A row locked by an application on the target makes the batch time out; pgduplex retries with
+/// one source transaction per batch, so the transactions before the contested one get through
+/// meanwhile, and the contested one follows once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_conflict_retries_with_smaller_batches() {
+    let source = Node::fresh(shared_cluster(PgVersion::V15), "lsrc").await;
+    let target = Node::fresh(shared_cluster(PgVersion::V18), "ldst").await;
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')";
+    let s = source.client().await;
+    let t = target.client().await;
+    s.batch_execute(schema).await.unwrap();
+    t.batch_execute(schema).await.unwrap();
+    // Both source transactions land in one batch unless pgduplex splits it.
+    let setup = Setup::new(&source, &target, &["public.t"], "[apply]\nlock_timeout_ms = 200\nbatch_max_delay_ms = 2000");
+    setup.init();
+    let run = setup.run();
+    let holder = target.client().await;
+    holder.batch_execute("BEGIN; UPDATE t SET v = 'held' WHERE id = 2").await.unwrap();
+    s.batch_execute("UPDATE t SET v = 'first' WHERE id = 1").await.unwrap();
+    s.batch_execute("UPDATE t SET v = 'second' WHERE id = 2").await.unwrap();
+    let dst = &t;
+    wait_until("the transaction before the locked row to be applied", Duration::from_secs(30), || async move {
+        dst.query_one("SELECT v FROM t WHERE id = 1", &[]).await.map(|r| r.get::<_, String>(0) == "first").unwrap_or(false)
+    })
+    .await;
+    assert!(run.log_text().contains("lock conflict on the target"), "{}", run.log_text());
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    setup.wait_converged(&["t"], Duration::from_secs(60)).await;
+}

@@ -51,6 +51,17 @@ impl PipelineError {
         matches!(self, PipelineError::Fatal { .. } | PipelineError::Decode { .. } | PipelineError::Violation { .. })
     }
 
+    /// A deadlock, lock timeout or serialization failure on the target: retrying with smaller
+    /// batches can get the transactions before the contested row through.
+    pub fn is_lock_conflict(&self) -> bool {
+        match self {
+            PipelineError::Apply { source: ApplyError::Db(e), .. } | PipelineError::Db { source: e, .. } => {
+                matches!(e.sqlstate(), Some("40P01" | "55P03" | "40001"))
+            }
+            _ => false,
+        }
+    }
+
     /// The `kind` label of `pgduplex_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -67,6 +78,9 @@ impl PipelineError {
 /// [`ReplicationStream::set_read_coalescing`]): at most this much added latency.
 const READ_COALESCING: Duration = Duration::from_millis(3);
 
+/// How long batches hold one source transaction each after a lock conflict.
+const SMALL_BATCHES_FOR: Duration = Duration::from_secs(60);
+
 /// How often the slot's retained WAL and status are read.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -81,12 +95,19 @@ pub async fn run_direction(
     let label = direction.label();
     metrics.register_direction(&label);
     let mut backoff = Duration::from_millis(250);
+    // After a lock conflict, batches hold one source transaction each for a while, so that the
+    // transactions before the contested one get through (DESIGN §5: retry smaller).
+    let mut one_per_batch_until: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let started = Instant::now();
-        let result = stream_once(&config, &direction, &metrics, &mut shutdown).await;
+        let mut apply = config.apply.clone();
+        if one_per_batch_until.is_some_and(|until| Instant::now() < until) {
+            apply.batch_max_rows = 1;
+        }
+        let result = stream_once(&config, apply, &direction, &metrics, &mut shutdown).await;
         metrics.pipeline_up.with_label_values(&[&label]).set(0);
         match result {
             Ok(()) => return Ok(()),
@@ -97,6 +118,10 @@ pub async fn run_direction(
             Err(e) => {
                 metrics.errors.with_label_values(&[label.as_str(), e.kind()]).inc();
                 metrics.reconnects.with_label_values(&[&label]).inc();
+                if e.is_lock_conflict() {
+                    warn!(direction = %label, "lock conflict on the target: applying one source transaction per batch for {SMALL_BATCHES_FOR:?}");
+                    one_per_batch_until = Some(Instant::now() + SMALL_BATCHES_FOR);
+                }
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(250);
                 }
@@ -142,6 +167,7 @@ struct State<'a> {
 
 async fn stream_once(
     config: &Config,
+    apply: crate::config::ApplyConfig,
     direction: &Direction,
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
@@ -158,7 +184,7 @@ async fn stream_once(
         source: Box::new(source),
     };
 
-    let (applier, origin_progress) = Applier::connect(target, direction, config.apply.clone(), metrics.clone())
+    let (applier, origin_progress) = Applier::connect(target, direction, apply, metrics.clone())
         .await
         .map_err(|source| match source {
             ApplyError::BadChange { message, .. } => fatal(message),
