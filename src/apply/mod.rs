@@ -498,7 +498,7 @@ impl Applier {
     }
 
     /// Waits for every pipelined statement, in order.
-    pub async fn drain(&mut self) -> Result<(), ApplyError> {
+    async fn drain(&mut self) -> Result<(), ApplyError> {
         while let Some(f) = self.in_flight.pop_front() {
             match f.await {
                 Ok(c) => self.complete(c),

@@ -23,7 +23,7 @@ use crate::config::{Config, Direction};
 use crate::db::{self, DbError};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::pgoutput::{self, DecodeContext, DecodeError, Message, RelationCache};
+use crate::pgoutput::{self, DecodeContext, DecodeError, Message};
 use crate::protocol::{ConnectParams, ProtocolError, ReplicationClient, ReplicationMessage, ReplicationStream};
 
 /// Why a direction stopped streaming.
@@ -150,7 +150,6 @@ struct State<'a> {
     label: String,
     metrics: &'a Metrics,
     applier: Applier,
-    relations: RelationCache,
     ctx: DecodeContext,
     open: Option<OpenTransaction>,
     /// Origin name whose transactions on the source are our own applied writes.
@@ -284,7 +283,6 @@ async fn stream_once(
         label: label.clone(),
         metrics,
         applier,
-        relations: RelationCache::default(),
         ctx: DecodeContext { protocol_version: proto_version, in_streamed_transaction: false },
         open: None,
         echo_origin: Direction { source: direction.target.clone(), target: direction.source.clone() }.origin_name(),
@@ -463,7 +461,6 @@ impl State<'_> {
             }
             Message::Relation(rel) => {
                 self.applier.relation(&rel).await.map_err(|e| a(self, e))?;
-                self.relations.update(rel);
             }
             Message::Type(_) | Message::LogicalMessage(_) => {}
             Message::Insert(ins) => {
@@ -517,7 +514,7 @@ impl State<'_> {
             other => {
                 return Err(self.violation(
                     lsn,
-                    format!("unexpected {} message: streaming and two-phase were not requested", message_name(&other)),
+                    format!("unexpected {} message: streaming and two-phase were not requested", other.name()),
                 ));
             }
         }
@@ -580,29 +577,5 @@ impl State<'_> {
         };
         self.metrics.lag_seconds.with_label_values(&[&self.label]).set(lag_s);
         Ok(())
-    }
-}
-
-fn message_name(m: &Message) -> &'static str {
-    match m {
-        Message::Begin(_) => "Begin",
-        Message::Commit(_) => "Commit",
-        Message::Origin(_) => "Origin",
-        Message::Relation(_) => "Relation",
-        Message::Type(_) => "Type",
-        Message::Insert(_) => "Insert",
-        Message::Update(_) => "Update",
-        Message::Delete(_) => "Delete",
-        Message::Truncate(_) => "Truncate",
-        Message::LogicalMessage(_) => "Message",
-        Message::StreamStart { .. } => "Stream Start",
-        Message::StreamStop => "Stream Stop",
-        Message::StreamCommit { .. } => "Stream Commit",
-        Message::StreamAbort { .. } => "Stream Abort",
-        Message::BeginPrepare { .. } => "Begin Prepare",
-        Message::Prepare { .. } => "Prepare",
-        Message::CommitPrepared { .. } => "Commit Prepared",
-        Message::RollbackPrepared { .. } => "Rollback Prepared",
-        Message::StreamPrepare { .. } => "Stream Prepare",
     }
 }
