@@ -6,8 +6,12 @@
 //! [nodes.b]
 //! url = "postgresql://user:password@127.0.0.1:5433/app"
 //! [replication]
-//! direction = "a-to-b"
+//! direction = "a-to-b"          # or "both"
 //! tables = ["public.*"]
+//! [conflicts]                   # two-way only
+//! policy = "last-write-wins"    # default for every table
+//! [conflicts.tables."public.accounts"]
+//! prefer = "a"                  # node a's writes win concurrent changes to this table
 //! [metrics]
 //! listen = "127.0.0.1:9187"
 //! ```
@@ -25,6 +29,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::tls::{TlsMode, TlsSettings};
+use crate::versions::{NodeId, Policy};
 use std::sync::Arc;
 
 /// Why a configuration could not be used; every variant names the key at fault.
@@ -156,6 +161,36 @@ pub struct Config {
     pub apply: ApplyConfig,
     /// Address of the /metrics and /healthz server; `None` disables it.
     pub metrics_listen: Option<SocketAddr>,
+    /// How concurrent changes are settled (two-way replication).
+    pub conflicts: ConflictPolicies,
+}
+
+/// The conflict policy of each table: a default and per-table exceptions (globs, first match).
+#[derive(Clone, Debug)]
+pub struct ConflictPolicies {
+    pub default: Policy,
+    pub tables: Vec<(glob::Pattern, Policy)>,
+}
+
+impl ConflictPolicies {
+    /// The policy of table `schema.table`.
+    pub fn for_table(&self, schema: &str, table: &str) -> Policy {
+        let qualified = format!("{schema}.{table}");
+        self.tables.iter().find(|(p, _)| p.matches(&qualified)).map_or(self.default, |(_, policy)| *policy)
+    }
+}
+
+impl Default for ConflictPolicies {
+    fn default() -> Self {
+        ConflictPolicies { default: Policy::LastWriteWins, tables: Vec::new() }
+    }
+}
+
+impl Config {
+    /// Whether both directions run (two-way replication with version vectors).
+    pub fn two_way(&self) -> bool {
+        self.directions.len() == 2
+    }
 }
 
 #[derive(Deserialize)]
@@ -167,6 +202,24 @@ struct RawConfig {
     apply: RawApply,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    conflicts: RawConflicts,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConflicts {
+    policy: Option<String>,
+    prefer: Option<String>,
+    #[serde(default)]
+    tables: BTreeMap<String, RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    policy: Option<String>,
+    prefer: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -291,7 +344,13 @@ impl Config {
                 ConfigError::Invalid(format!("metrics.listen {s:?} is not an address like \"127.0.0.1:9187\""))
             })?),
         };
-        Ok(Config { nodes, directions, tables, apply, metrics_listen })
+        let conflicts = parse_conflicts(raw.conflicts, &nodes)?;
+        if directions.len() == 1 && (!conflicts.tables.is_empty() || conflicts.default != Policy::LastWriteWins) {
+            return Err(ConfigError::Invalid(
+                "[conflicts] only applies to two-way replication (replication.direction = \"both\")".into(),
+            ));
+        }
+        Ok(Config { nodes, directions, tables, apply, metrics_listen, conflicts })
     }
 
     /// The node called `name` (it exists: names are validated at load).
@@ -309,11 +368,12 @@ impl Config {
 fn parse_direction(text: &str, nodes: &BTreeMap<NodeName, NodeConfig>) -> Result<Vec<Direction>, ConfigError> {
     let names: Vec<&str> = nodes.keys().map(NodeName::as_str).collect();
     if text == "both" {
-        return Err(ConfigError::Invalid(
-            "replication.direction = \"both\" (two-way replication) is not available in this version; \
-             use \"<from>-to-<to>\""
-                .into(),
-        ));
+        let mut it = nodes.keys();
+        let (a, b) = match (it.next(), it.next()) {
+            (Some(a), Some(b)) => (a.clone(), b.clone()),
+            _ => return Err(ConfigError::Invalid("replication.direction = \"both\" needs two nodes".into())),
+        };
+        return Ok(vec![Direction { source: a.clone(), target: b.clone() }, Direction { source: b, target: a }]);
     }
     let bad = || {
         ConfigError::Invalid(format!(
@@ -328,6 +388,49 @@ fn parse_direction(text: &str, nodes: &BTreeMap<NodeName, NodeConfig>) -> Result
         return Err(bad());
     }
     Ok(vec![Direction { source: from, target: to }])
+}
+
+/// One `policy = "..."` / `prefer = "<node>"` pair (the default, or a table's).
+fn parse_policy(
+    key: &str,
+    policy: Option<String>,
+    prefer: Option<String>,
+    nodes: &BTreeMap<NodeName, NodeConfig>,
+) -> Result<Option<Policy>, ConfigError> {
+    let names: Vec<&str> = nodes.keys().map(NodeName::as_str).collect();
+    match (policy.as_deref(), prefer) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+            "{key}: give either policy = \"last-write-wins\" or prefer = \"<node>\", not both"
+        ))),
+        (Some("last-write-wins"), None) => Ok(Some(Policy::LastWriteWins)),
+        (Some(other), None) => Err(ConfigError::Invalid(format!(
+            "{key}.policy {other:?} is not a conflict policy: use \"last-write-wins\", or prefer = \"<node>\" with a node of {names:?}"
+        ))),
+        (None, Some(node)) => {
+            let known = nodes.keys().find(|n| n.as_str() == node).ok_or_else(|| {
+                ConfigError::Invalid(format!("{key}.prefer {node:?} is not a node: use one of {names:?}"))
+            })?;
+            let id = NodeId::new(known.as_str()).map_err(|e| ConfigError::Invalid(format!("{key}.prefer: {e}")))?;
+            Ok(Some(Policy::Prefer(id)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn parse_conflicts(raw: RawConflicts, nodes: &BTreeMap<NodeName, NodeConfig>) -> Result<ConflictPolicies, ConfigError> {
+    let default = parse_policy("conflicts", raw.policy, raw.prefer, nodes)?.unwrap_or(Policy::LastWriteWins);
+    let mut tables = Vec::new();
+    for (name, p) in raw.tables {
+        let key = format!("conflicts.tables.{name:?}");
+        if !name.contains('.') {
+            return Err(ConfigError::Invalid(format!("{key}: name a table as schema.table (globs allowed)")));
+        }
+        let pattern = glob::Pattern::new(&name).map_err(|e| ConfigError::Invalid(format!("{key} is not a valid glob: {e}")))?;
+        let policy = parse_policy(&key, p.policy, p.prefer, nodes)?
+            .ok_or_else(|| ConfigError::Invalid(format!("{key}: give policy = \"last-write-wins\" or prefer = \"<node>\"")))?;
+        tables.push((pattern, policy));
+    }
+    Ok(ConflictPolicies { default, tables })
 }
 
 #[cfg(test)]
@@ -369,7 +472,11 @@ mod tests {
     #[test]
     fn clear_errors() {
         assert!(err(&GOOD.replace("old-to-new", "old-to-nowhere")).contains("replication.direction"));
-        assert!(err(&GOOD.replace("old-to-new", "both")).contains("two-way"));
+        let both = Config::parse(&GOOD.replace("old-to-new", "both")).expect("both");
+        assert_eq!(both.directions.len(), 2);
+        assert!(both.two_way());
+        assert_eq!(both.directions[0].label(), "new-to-old");
+        assert_eq!(both.directions[1].label(), "old-to-new");
         assert!(err(&GOOD.replace("[nodes.new]", "[nodes.New]")).contains("node name"));
         assert!(err(&GOOD.replace("127.0.0.1:5433/app", "127.0.0.1:notaport/app")).contains("nodes.new.url"));
         assert!(err(&format!("{GOOD}\ntables = [\"orders\"]")).contains("schema.table"));
@@ -377,5 +484,23 @@ mod tests {
         assert!(err(&format!("{GOOD}\nbogus = 1")).contains("bogus"));
         assert!(err("[replication]\ndirection='a-to-b'").contains("two nodes"));
         assert!(err("not toml [").contains("TOML"));
+    }
+
+    #[test]
+    fn conflict_policies() {
+        let both = GOOD.replace("old-to-new", "both");
+        let c = Config::parse(&format!(
+            "{both}\n[conflicts]\npolicy = \"last-write-wins\"\n[conflicts.tables.\"public.acc*\"]\nprefer = \"old\"\n"
+        ))
+        .unwrap();
+        let old = NodeId::new("old").unwrap();
+        assert_eq!(c.conflicts.for_table("public", "accounts"), Policy::Prefer(old));
+        assert_eq!(c.conflicts.for_table("public", "orders"), Policy::LastWriteWins);
+        let e = Config::parse(&format!("{both}\n[conflicts]\npolicy = \"first-write-wins\"\n")).unwrap_err().to_string();
+        assert!(e.contains("conflicts.policy") && e.contains("first-write-wins"), "{e}");
+        let e = Config::parse(&format!("{both}\n[conflicts.tables.\"public.t\"]\nprefer = \"nobody\"\n")).unwrap_err().to_string();
+        assert!(e.contains("public.t") && e.contains("nobody") && e.contains("old"), "{e}");
+        let e = Config::parse(&format!("{GOOD}\n[conflicts]\nprefer = \"old\"\n")).unwrap_err().to_string();
+        assert!(e.contains("two-way"), "{e}");
     }
 }

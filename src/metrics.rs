@@ -34,6 +34,11 @@ pub const MISSING_ROWS: &str = "pgduplex_missing_rows_total";
 /// 1 while a direction is streaming, 0 while it is reconnecting or stopped.
 pub const PIPELINE_UP: &str = "pgduplex_pipeline_up";
 
+/// Conflicts resolved by the merge, by table, kind and whose writes survived (two-way).
+pub const CONFLICTS: &str = "pgduplex_conflicts_total";
+/// Source transactions parked on the target because they could not be applied (two-way).
+pub const PARKED_CHANGES: &str = "pgduplex_parked_changes";
+
 /// Handles to every metric, registered in one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -50,6 +55,8 @@ pub struct Metrics {
     pub apply_batch_seconds: HistogramVec,
     pub missing_rows: IntCounterVec,
     pub pipeline_up: IntGaugeVec,
+    pub conflicts: IntCounterVec,
+    pub parked_changes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -97,6 +104,8 @@ impl Metrics {
             ),
             missing_rows: counter(MISSING_ROWS, "Rows an update or delete did not find on the target", dir),
             pipeline_up: gauge(PIPELINE_UP, "1 while the direction is streaming"),
+            conflicts: counter(CONFLICTS, "Concurrent changes resolved by the merge", &["table", "kind", "resolution"]),
+            parked_changes: gauge(PARKED_CHANGES, "Changes parked on the target, waiting for `pgduplex resolve`"),
             registry,
         }
     }
@@ -114,6 +123,7 @@ impl Metrics {
         self.reconnects.with_label_values(&l);
         self.missing_rows.with_label_values(&l);
         self.pipeline_up.with_label_values(&l);
+        self.parked_changes.with_label_values(&l);
     }
 
     /// The registry in Prometheus text exposition format.

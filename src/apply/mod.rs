@@ -17,6 +17,7 @@
 //! sent as COPY.
 
 mod copy_text;
+mod merge;
 mod table;
 mod text_value;
 
@@ -37,6 +38,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{ColumnValue, Commit, Delete, Insert, Relation, TupleData, Truncate, Update};
 
+pub use merge::TwoWay;
 pub use table::{TableMap, TargetColumn, TARGET_COLUMNS_SQL, pg_timestamp_literal};
 pub use text_value::TextValue;
 
@@ -55,6 +57,9 @@ pub enum ApplyError {
     UnknownRelation { oid: u32 },
     #[error("table {table}: {message}")]
     BadChange { table: String, message: String },
+    /// The two nodes' tables differ (DDL applied on one side only so far): waits for the other.
+    #[error("table {table}: {message}")]
+    SchemaDrift { table: String, message: String },
 }
 
 impl ApplyError {
@@ -62,6 +67,7 @@ impl ApplyError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ApplyError::Db(e) => e.is_retryable(),
+            ApplyError::SchemaDrift { .. } => true,
             _ => false,
         }
     }
@@ -152,6 +158,8 @@ pub struct Applier {
     committed: Lsn,
     /// End LSN of a batch whose pipelined COMMIT has not been collected yet.
     commit_in_flight: Option<Lsn>,
+    /// Set for two-way directions: changes are merged with version vectors.
+    two_way: Option<TwoWay>,
 }
 
 impl Applier {
@@ -224,6 +232,7 @@ impl Applier {
                 batch: None,
                 committed,
                 commit_in_flight: None,
+                two_way: None,
             },
             committed,
         ))
@@ -690,9 +699,10 @@ impl Applier {
 
     /// A source transaction ended. Returns whether the batch should be committed now (a cap
     /// was reached); the caller also commits at the batch deadline and when the stream idles.
-    pub fn end_source_transaction(&mut self, commit: &Commit) -> bool {
+    /// An echo (`applied == false`) still moves the batch's progress past it, but is not counted.
+    pub fn end_source_transaction(&mut self, commit: &Commit, applied: bool) -> bool {
         let Some(b) = &mut self.batch else { return false };
-        b.transactions += 1;
+        b.transactions += u64::from(applied);
         b.last_end_lsn = Some((commit.end_lsn, commit.commit_time));
         b.must_end || b.rows >= self.cfg.batch_max_rows as u64 || b.started.elapsed() >= self.cfg.batch_max_delay
     }

@@ -18,12 +18,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{ApplyError, Applier};
+pub mod pair;
+
+use crate::apply::{ApplyError, Applier, TwoWay};
 use crate::config::{Config, Direction};
 use crate::db::{self, DbError};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, DecodeContext, DecodeError, Message};
+use crate::versions::NodeId;
+use pair::{Pairer, VERSIONS_SCHEMA};
 use crate::protocol::{ConnectParams, ProtocolError, ReplicationClient, ReplicationMessage, ReplicationStream};
 
 /// Why a direction stopped streaming.
@@ -80,6 +84,9 @@ const READ_COALESCING: Duration = Duration::from_millis(3);
 
 /// How long batches hold one source transaction each after a lock conflict.
 const SMALL_BATCHES_FOR: Duration = Duration::from_secs(60);
+
+/// Least time between idle-position records of a two-way direction.
+const TWO_WAY_IDLE_RECORD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the slot's retained WAL and status are read.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -162,6 +169,10 @@ struct State<'a> {
     flushed: Lsn,
     last_commit_time: i64,
     last_idle_record: Instant,
+    /// Two-way: the open transaction's changes, paired with their versions rows at commit.
+    pairer: Option<Pairer>,
+    /// Least time between two idle-position records.
+    idle_record_interval: Duration,
 }
 
 async fn stream_once(
@@ -183,12 +194,19 @@ async fn stream_once(
         source: Box::new(source),
     };
 
-    let (applier, origin_progress) = Applier::connect(target, direction, apply, metrics.clone())
+    let (mut applier, origin_progress) = Applier::connect(target, direction, apply, metrics.clone())
         .await
         .map_err(|source| match source {
             ApplyError::BadChange { message, .. } => fatal(message),
             source => PipelineError::Apply { direction: label.clone(), source },
         })?;
+    if config.two_way() {
+        let id = |n: &crate::config::NodeName| NodeId::new(n.as_str()).map_err(|e| fatal(e.to_string()));
+        applier
+            .enable_two_way(TwoWay::new(id(&direction.target)?, id(&direction.source)?, config.conflicts.clone()))
+            .await
+            .map_err(|source| PipelineError::Apply { direction: label.clone(), source })?;
+    }
 
     let source_sql = db::connect(source, &format!("pgduplex monitor {label}")).await.map_err(db_err)?;
     let wal_sender_timeout_ms: i64 = source_sql
@@ -291,6 +309,10 @@ async fn stream_once(
         flushed: origin_progress,
         last_commit_time: 0,
         last_idle_record: Instant::now(),
+        pairer: config.two_way().then(Pairer::new),
+        // Two-way: each idle record is WAL the other direction sees move, and records there in
+        // turn; a longer interval keeps that exchange slow.
+        idle_record_interval: if config.two_way() { TWO_WAY_IDLE_RECORD_INTERVAL } else { Duration::from_secs(1) },
     };
 
     // One timer for the batch deadline, re-armed only when the deadline changes (not per message).
@@ -459,30 +481,54 @@ impl State<'_> {
                 };
                 open.echo = o.name == self.echo_origin;
             }
-            Message::Relation(rel) => {
-                self.applier.relation(&rel).await.map_err(|e| a(self, e))?;
-            }
+            Message::Relation(rel) => match &mut self.pairer {
+                Some(pairer) => {
+                    pairer.relation(&rel);
+                    let table = if rel.namespace == VERSIONS_SCHEMA { rel.name.clone() } else { format!("{}.{}", rel.namespace, rel.name) };
+                    self.applier.forget_two_way_table(&table);
+                }
+                None => self.applier.relation(&rel).await.map_err(|e| a(self, e))?,
+            },
             Message::Type(_) | Message::LogicalMessage(_) => {}
             Message::Insert(ins) => {
-                if self.change_wanted(lsn)? {
+                if self.change_wanted(lsn)?
+                    && let Some(p) = &mut self.pairer
+                {
+                    p.insert(&ins);
+                } else if self.change_wanted_again() {
                     self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
                     self.applier.insert(&ins).await.map_err(|e| a(self, e))?;
                 }
             }
             Message::Update(up) => {
-                if self.change_wanted(lsn)? {
+                if self.change_wanted(lsn)?
+                    && let Some(p) = &mut self.pairer
+                {
+                    p.update(&up);
+                } else if self.change_wanted_again() {
                     self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
                     self.applier.update(&up).await.map_err(|e| a(self, e))?;
                 }
             }
             Message::Delete(del) => {
-                if self.change_wanted(lsn)? {
+                if self.change_wanted(lsn)?
+                    && let Some(p) = &mut self.pairer
+                {
+                    p.delete(&del);
+                } else if self.change_wanted_again() {
                     self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
                     self.applier.delete(&del).await.map_err(|e| a(self, e))?;
                 }
             }
             Message::Truncate(tr) => {
-                if self.change_wanted(lsn)? {
+                if self.change_wanted(lsn)? && self.pairer.is_some() {
+                    return Err(self.violation(
+                        lsn,
+                        "TRUNCATE of a table replicated both ways: its guard trigger (pgduplex_no_truncate) was removed; \
+                         the other node cannot follow a TRUNCATE, re-run `pgduplex init` and resynchronise the table",
+                    ));
+                }
+                if self.change_wanted_again() {
                     // TRUNCATE takes an ACCESS EXCLUSIVE lock: keep it out of a batch with earlier
                     // source transactions (possible when it is its transaction's first change).
                     if self.open.as_ref().is_some_and(|t| t.changes == 1) && self.applier.batch_open() {
@@ -505,9 +551,17 @@ impl State<'_> {
                 if open.echo {
                     self.metrics.echoes_dropped.with_label_values(&[&self.label]).inc();
                 }
+                if let Some(pairer) = &mut self.pairer {
+                    if open.echo {
+                        pairer.discard();
+                    } else {
+                        let changes = pairer.finish();
+                        self.applier.apply_paired(changes, c.end_lsn).await.map_err(|e| a(self, e))?;
+                    }
+                }
                 self.write_lsn = self.write_lsn.max(c.end_lsn);
                 self.last_commit_time = c.commit_time;
-                if self.applier.end_source_transaction(&c) {
+                if self.applier.end_source_transaction(&c, !open.echo) {
                     self.applier.commit_batch().await.map_err(|e| a(self, e))?;
                 }
             }
@@ -532,10 +586,15 @@ impl State<'_> {
         }
     }
 
+    /// Whether the change just counted by [`State::change_wanted`] is to be applied.
+    fn change_wanted_again(&self) -> bool {
+        self.open.as_ref().is_some_and(|t| !t.echo)
+    }
+
     /// A keepalive while idle: record its position durably so the slot can advance.
     async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<(), PipelineError> {
         let idle = self.open.is_none() && !self.applier.batch_open();
-        if idle && wal_end > self.applier.committed_lsn() && self.last_idle_record.elapsed() >= Duration::from_secs(1) {
+        if idle && wal_end > self.applier.committed_lsn() && self.last_idle_record.elapsed() >= self.idle_record_interval {
             self.applier
                 .record_idle_position(wal_end, self.direction.source.as_str())
                 .await

@@ -204,3 +204,91 @@ async fn columns(client: &Client, node: &str, schema: &str, table: &str) -> Resu
         .map_err(|e| DbError::new(node, format!("cannot read columns of {schema}.{table}"), e))?;
     Ok(rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
 }
+
+/// Two-way prerequisites on one node (DESIGN §6, §7): superuser (event trigger, trigger
+/// functions owned by a role that can write the versions tables), and per table a primary key,
+/// a plain table, and a key that both sides cannot generate alike.
+pub async fn check_two_way_node(
+    node: &str,
+    client: &Client,
+    other: &str,
+    other_client: &Client,
+    tables: &[SourceTable],
+) -> Result<Vec<Problem>, DbError> {
+    let mut problems = Vec::new();
+    let mut problem = |what: String, fix: String| problems.push(Problem { node: node.into(), what, fix });
+    let row = client
+        .query_one("SELECT rolsuper, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(|e| DbError::new(node, "cannot read role attributes", e))?;
+    let (superuser, user): (bool, String) = (row.get(0), row.get(1));
+    if !superuser {
+        problem(
+            format!("role {user} is not a superuser: two-way replication installs an event trigger (regenerating capture triggers after ALTER TABLE), which needs one"),
+            "run `pgduplex init` as a superuser (`run` can then use a less privileged role)".into(),
+        );
+    }
+    for t in tables {
+        let qualified = format!("{}.{}", t.schema, t.name);
+        let row = client
+            .query_opt(
+                "SELECT c.relkind::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(|e| DbError::new(node, format!("cannot read table {qualified}"), e))?;
+        let Some(row) = row else { continue };
+        let (kind, has_pk): (String, bool) = (row.get(0), row.get(1));
+        if kind != "r" {
+            problem(
+                format!("table {qualified} is partitioned: two-way replication supports plain tables only"),
+                format!("leave {qualified} out of replication.tables, or replicate it one way"),
+            );
+        }
+        if !has_pk {
+            problem(
+                format!("table {qualified} has no primary key: two-way replication matches rows and keeps their versions by it"),
+                format!("ALTER TABLE {qualified} ADD PRIMARY KEY (...)"),
+            );
+            continue;
+        }
+        for (seq, col, increment, start) in key_sequences(client, node, t).await? {
+            let theirs = key_sequences(other_client, other, t).await?.into_iter().find(|(_, c, _, _)| *c == col);
+            let interleaved = theirs.is_some_and(|(_, _, inc2, start2)| {
+                increment == inc2 && increment.abs() >= 2 && start.rem_euclid(increment.abs()) != start2.rem_euclid(increment.abs())
+            });
+            if !interleaved {
+                problem(
+                    format!(
+                        "key column {col} of table {qualified} takes values from sequence {seq} (increment {increment}): \
+                         rows inserted on both nodes would get the same keys and overwrite each other"
+                    ),
+                    format!(
+                        "interleave the sequences so each node generates its own values, e.g. ALTER SEQUENCE {seq} INCREMENT BY 2 \
+                         RESTART WITH <an odd number above the largest key> on node {node} and <an even one> on node {other}"
+                    ),
+                );
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Sequences feeding primary-key columns of `t` (serial or identity): (sequence, column,
+/// increment, start).
+async fn key_sequences(client: &Client, node: &str, t: &SourceTable) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+    let rows = client
+        .query(
+            "SELECT s.seq::text, a.attname::text, ps.increment_by, ps.start_value \
+             FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+             CROSS JOIN LATERAL (SELECT pg_get_serial_sequence(format('%I.%I', $1::text, $2::text), a.attname)::regclass AS seq) s \
+             JOIN pg_sequences ps ON format('%I.%I', ps.schemaname, ps.sequencename)::regclass = s.seq \
+             WHERE i.indrelid = format('%I.%I', $1::text, $2::text)::regclass AND i.indisprimary AND s.seq IS NOT NULL",
+            &[&t.schema, &t.name],
+        )
+        .await
+        .map_err(|e| DbError::new(node, format!("cannot read the key sequences of {}.{}", t.schema, t.name), e))?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+}

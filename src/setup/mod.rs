@@ -11,10 +11,12 @@ use crate::config::{Config, Direction};
 use crate::db::{self, DbError, quote_ident};
 use crate::lsn::Lsn;
 
-pub use checks::{Problem, SourceTable, check_direction};
+pub use checks::{Problem, SourceTable, check_direction, check_two_way_node};
 
 /// The schema installed on every node that receives changes.
 pub const TARGET_SCHEMA_SQL: &str = include_str!("../../sql/target_schema.sql");
+/// The two-way additions: versions tables, capture triggers, guards, conflicts, parked changes.
+pub const TWO_WAY_SQL: &str = include_str!("../../sql/two_way.sql");
 
 /// Why init or teardown failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +58,63 @@ pub async fn init(config: &Config) -> Result<InitReport, SetupError> {
         problems.append(&mut p);
         plans.push((d.clone(), source, target, tables));
     }
+    if config.two_way() {
+        for (d, source, target, tables) in &plans {
+            problems.append(&mut check_two_way_node(d.source.as_str(), source, d.target.as_str(), target, tables).await?);
+        }
+    }
     if !problems.is_empty() {
         return Err(SetupError::Prerequisites(problems));
     }
+    if config.two_way() {
+        // Versions tables and capture triggers first, on both nodes: publications list them.
+        for (d, source, _, tables) in &plans {
+            install_two_way_node(config, d.source.as_str(), source, tables, &mut report).await?;
+        }
+    }
     for (d, source, target, tables) in plans {
         report_foreign_replication(&d, &source, &mut report).await?;
-        install_direction(&d, &source, &target, &tables, &mut report).await?;
+        install_direction(&d, &source, &target, &tables, config.two_way(), &mut report).await?;
     }
     Ok(report)
+}
+
+/// Installs the two-way schema on `node` and tracks every replicated table (versions table,
+/// capture trigger, TRUNCATE guard).
+async fn install_two_way_node(
+    config: &Config,
+    node: &str,
+    client: &Client,
+    tables: &[SourceTable],
+    report: &mut InitReport,
+) -> Result<(), SetupError> {
+    client
+        .batch_execute(&format!("SET client_min_messages = warning; {TARGET_SCHEMA_SQL}; {TWO_WAY_SQL}"))
+        .await
+        .map_err(|e| DbError::new(node, "cannot install the pgduplex two-way schema", e))?;
+    for name in config.nodes.keys() {
+        client
+            .execute(
+                "INSERT INTO pgduplex.nodes (name, is_self) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET is_self = excluded.is_self",
+                &[&name.as_str(), &(name.as_str() == node)],
+            )
+            .await
+            .map_err(|e| DbError::new(node, "cannot write pgduplex.nodes", e))?;
+    }
+    for t in tables {
+        let qualified = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+        client
+            .execute("SELECT pgduplex.track($1::text::regclass)", &[&qualified])
+            .await
+            .map_err(|e| DbError::new(node, format!("cannot install the capture trigger of {}.{}", t.schema, t.name), e))?;
+    }
+    report.lines.push(format!("node {node}: versions tables and capture triggers installed for {} table(s)", tables.len()));
+    Ok(())
+}
+
+/// The versions table of `t` (two-way), as named by sql/two_way.sql.
+fn versions_table(t: &SourceTable) -> String {
+    format!("pgduplex.{}", quote_ident(&format!("{}.{}", t.schema, t.name)))
 }
 
 /// Lists replication origins and subscriptions on the source that are not pgduplex's, and
@@ -95,6 +146,7 @@ async fn install_direction(
     source: &Client,
     target: &Client,
     tables: &[SourceTable],
+    two_way: bool,
     report: &mut InitReport,
 ) -> Result<(), SetupError> {
     let (src, tgt) = (d.source.as_str(), d.target.as_str());
@@ -104,7 +156,11 @@ async fn install_direction(
         .map_err(|e| DbError::new(tgt, "cannot install the pgduplex schema", e))?;
 
     let publication = d.publication_name();
-    let list = tables.iter().map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))).collect::<Vec<_>>().join(", ");
+    let mut list = tables.iter().map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))).collect::<Vec<_>>();
+    if two_way {
+        list.extend(tables.iter().map(versions_table));
+    }
+    let list = list.join(", ");
     let exists = source
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
         .await

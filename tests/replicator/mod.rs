@@ -55,12 +55,22 @@ fn free_port() -> u16 {
 impl Setup {
     /// Writes a config replicating `source` to `target` with `tables`, plus `extra` TOML.
     pub fn new(source: &Node, target: &Node, tables: &[&str], extra: &str) -> Setup {
+        Setup::with_direction(source, target, &format!("{}-to-{}", source.name, target.name), tables, extra)
+    }
+
+    /// Two-way replication between `a` and `b` (`direction = "both"`).
+    pub fn both(a: &Node, b: &Node, tables: &[&str], extra: &str) -> Setup {
+        Setup::with_direction(a, b, "both", tables, extra)
+    }
+
+    /// A config with the given `replication.direction`.
+    pub fn with_direction(source: &Node, target: &Node, direction: &str, tables: &[&str], extra: &str) -> Setup {
         let dir = std::env::temp_dir().join(format!("pgduplex-test-{}", support::unique_name("cfg")));
         std::fs::create_dir_all(&dir).expect("create config dir");
         let metrics_port = free_port();
         let tables = tables.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ");
         let text = format!(
-            "[nodes.{s}]\nurl = {su:?}\n[nodes.{t}]\nurl = {tu:?}\n[replication]\ndirection = \"{s}-to-{t}\"\ntables = [{tables}]\n\
+            "[nodes.{s}]\nurl = {su:?}\n[nodes.{t}]\nurl = {tu:?}\n[replication]\ndirection = \"{direction}\"\ntables = [{tables}]\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
             s = source.name,
             t = target.name,

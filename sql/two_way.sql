@@ -1,0 +1,313 @@
+-- The pgduplex schema for two-way replication (DESIGN §6), installed by `pgduplex init` on both
+-- nodes after target_schema.sql, removed by `pgduplex teardown`. Safe to run again.
+--
+-- Per replicated table T (primary key K, tracked columns c1..cn = every column that is neither
+-- part of K nor generated) there is a versions table pgduplex."<schema>.<table>" with:
+--   K                          the same columns and types as T's primary key
+--   "<c>|<node>" bigint        v[node] of column c's register, one column per node
+--   "<c>|t"      bigint        t: stamp of the write that produced the current value (µs)
+--   "<c>|n"      text          n: node where that write happened
+--   for c in ('$row', c1, ..., cn), where '$row' is the existence register, and
+--   "$dead"      jsonb         NULL while the row exists; for a deleted row (a tombstone), the
+--                              values of its columns as text, which the merge still needs
+-- and a capture trigger that writes exactly one versions change per data change.
+
+CREATE SCHEMA IF NOT EXISTS pgduplex;
+
+-- The nodes of this setup; exactly one row is this node.
+CREATE TABLE IF NOT EXISTS pgduplex.nodes (
+    name text PRIMARY KEY,
+    is_self boolean NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS nodes_one_self ON pgduplex.nodes (is_self) WHERE is_self;
+
+-- The node-wide version counter: one nextval per local write. No CACHE: values handed out in
+-- one session must still be below those of any later session.
+CREATE SEQUENCE IF NOT EXISTS pgduplex.version_seq AS bigint NO CYCLE;
+
+-- Tables replicated both ways, and their versions tables.
+CREATE TABLE IF NOT EXISTS pgduplex.tracked (
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    versions_table text NOT NULL UNIQUE,
+    key_columns text[] NOT NULL,
+    tracked_columns text[] NOT NULL,
+    PRIMARY KEY (table_schema, table_name)
+);
+
+-- Every conflict the apply resolved on this node (one row per contested column).
+CREATE TABLE IF NOT EXISTS pgduplex.conflicts (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    source_node text NOT NULL,
+    source_lsn pg_lsn NOT NULL,
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    column_name text NOT NULL,
+    kind text NOT NULL,
+    resolution text NOT NULL,
+    local_register text,
+    local_value text,
+    remote_register text,
+    remote_value text,
+    winner text NOT NULL
+);
+
+-- Changes that could not be applied (DESIGN §6b), kept until `pgduplex resolve` applies or
+-- discards them. Written in the transaction that advances the origin past them.
+CREATE TABLE IF NOT EXISTS pgduplex.parked (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    source_node text NOT NULL,
+    source_lsn pg_lsn NOT NULL,
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    change jsonb NOT NULL,
+    error text NOT NULL,
+    sqlstate text
+);
+CREATE INDEX IF NOT EXISTS parked_key ON pgduplex.parked (table_name, key);
+
+-- TRUNCATE fires no row triggers: the other node would never learn of it.
+CREATE OR REPLACE FUNCTION pgduplex.refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+    RAISE EXCEPTION 'TRUNCATE of %.% is not allowed while pgduplex replicates it both ways', TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING HINT = 'Use DELETE (it is replicated), or remove the table from two-way replication first.',
+              ERRCODE = 'feature_not_supported';
+END
+$f$;
+
+-- (Re)generates the versions table and the capture trigger of one table from its current
+-- columns. Called by init and by the ddl_command_end event trigger below.
+CREATE OR REPLACE FUNCTION pgduplex.track(rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $gen$
+DECLARE
+    me text;
+    nodes text[];
+    sch text;
+    tbl text;
+    kind "char";
+    vt text;
+    fn text;
+    keys text[];
+    cols text[];
+    regs text[];
+    reg text;
+    nd text;
+    c text;
+    key_defs text;
+    key_list text;
+    new_keys text;
+    old_keys text;
+    stamp text;
+    dead text;
+    chunk text[];
+    full_cols text;
+    full_vals text;
+    full_set text;
+    del_set text;
+    upd_cols text;
+    upd_vals text;
+    upd_set text;
+    changed text;
+    body text;
+    existing text[];
+BEGIN
+    SELECT name INTO me FROM pgduplex.nodes WHERE is_self;
+    SELECT array_agg(name ORDER BY name) INTO nodes FROM pgduplex.nodes;
+    IF me IS NULL OR cardinality(nodes) <> 2 THEN
+        RAISE EXCEPTION 'pgduplex.nodes must list two nodes, one of them this one: run pgduplex init';
+    END IF;
+    SELECT n.nspname, c2.relname, c2.relkind INTO sch, tbl, kind
+      FROM pg_class c2 JOIN pg_namespace n ON n.oid = c2.relnamespace WHERE c2.oid = rel;
+    IF kind <> 'r' THEN
+        RAISE EXCEPTION 'table %.% cannot be replicated both ways: only plain tables are supported (not partitioned tables, views or foreign tables)', sch, tbl;
+    END IF;
+    vt := sch || '.' || tbl;
+    IF octet_length(vt) > 63 THEN
+        RAISE EXCEPTION 'table %.%: "schema.table" is longer than 63 bytes, too long for the name of its versions table; rename the table or schema', sch, tbl;
+    END IF;
+    fn := 'capture ' || vt;
+    fn := left(fn, 63);
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keys
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF keys IS NULL THEN
+        RAISE EXCEPTION 'table %.% has no primary key: two-way replication needs one to match rows and keep their versions', sch, tbl
+            USING HINT = 'ALTER TABLE ... ADD PRIMARY KEY (...)';
+    END IF;
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO cols
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+       AND NOT a.attname = ANY (keys);
+    regs := ARRAY['$row'] || cols;
+
+    -- Register column names must fit and must not collide with key columns.
+    FOREACH reg IN ARRAY regs LOOP
+        FOREACH nd IN ARRAY nodes || ARRAY['t', 'n'] LOOP
+            IF octet_length(reg || '|' || nd) > 63 THEN
+                RAISE EXCEPTION 'table %.%, column %: name too long for its register column "%|%" (63 bytes); rename the column', sch, tbl, reg, reg, nd;
+            END IF;
+            IF (reg || '|' || nd) = ANY (keys) THEN
+                RAISE EXCEPTION 'table %.%: key column % has the name of a register column; rename it', sch, tbl, reg || '|' || nd;
+            END IF;
+        END LOOP;
+    END LOOP;
+    IF '$dead' = ANY (keys) THEN
+        RAISE EXCEPTION 'table %.%: key column "$dead" collides with the versions table''s tombstone column; rename it', sch, tbl;
+    END IF;
+
+    -- The versions table: keys, then registers; columns of dropped columns go, new ones come.
+    SELECT string_agg(format('%I %s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
+           string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
+           string_agg(format('NEW.%I', a.attname), ', ' ORDER BY k.ord),
+           string_agg(format('OLD.%I', a.attname), ', ' ORDER BY k.ord)
+      INTO key_defs, key_list, new_keys, old_keys
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF to_regclass(format('pgduplex.%I', vt)) IS NULL THEN
+        EXECUTE format('CREATE TABLE pgduplex.%I (%s, "$dead" jsonb, PRIMARY KEY (%s))', vt, key_defs, key_list);
+    END IF;
+    SELECT coalesce(array_agg(a.attname::text), '{}') INTO existing
+      FROM pg_attribute a
+     WHERE a.attrelid = format('pgduplex.%I', vt)::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname LIKE '%|%' AND NOT a.attname = ANY (keys);
+    FOREACH reg IN ARRAY regs LOOP
+        FOREACH nd IN ARRAY nodes || ARRAY['t', 'n'] LOOP
+            IF NOT (reg || '|' || nd) = ANY (existing) THEN
+                EXECUTE format('ALTER TABLE pgduplex.%I ADD COLUMN %I %s', vt, reg || '|' || nd,
+                               CASE nd WHEN 'n' THEN 'text' ELSE 'bigint' END);
+            END IF;
+        END LOOP;
+    END LOOP;
+    -- Registers of columns that no longer exist (split at the last '|': column names may hold one).
+    FOREACH c IN ARRAY existing LOOP
+        IF NOT regexp_replace(c, '\|[^|]*$', '') = ANY (regs) THEN
+            EXECUTE format('ALTER TABLE pgduplex.%I DROP COLUMN %I', vt, c);
+        END IF;
+    END LOOP;
+
+    -- The stamp of a write: the clock, but above every stamp in the row (Lamport condition).
+    SELECT 'greatest(k, ' || string_agg(format('v.%I + 1', r || '|t'), ', ') || ')' INTO stamp FROM unnest(regs) r;
+    -- Values of a deleted row, as text (jsonb_build_object takes at most 100 arguments).
+    SELECT coalesce(string_agg(part, ' || '), '''{}''::jsonb') INTO dead FROM (
+        SELECT 'jsonb_build_object(' || string_agg(format('%L, OLD.%I::text', col, col), ', ') || ')' AS part
+          FROM (SELECT col, (row_number() OVER () - 1) / 50 AS grp FROM unnest(cols) col) s GROUP BY grp ORDER BY grp) p;
+
+    -- An insert (or the new key of a key change): every register and $row.
+    SELECT string_agg(format('%I, %I, %I', r || '|' || me, r || '|t', r || '|n'), ', '),
+           string_agg(format('c, k, %L', me), ', '),
+           string_agg(format('%I = c, %I = %s, %I = %L', r || '|' || me, r || '|t', stamp, r || '|n', me), ', ')
+      INTO full_cols, full_vals, full_set FROM unnest(regs) r;
+    -- A delete (or the old key of a key change): $row only, and the tombstone values.
+    del_set := format('%I = c, %I = %s, %I = %L, "$dead" = excluded."$dead"', '$row|' || me, '$row|t', stamp, '$row|n', me);
+    -- An update: the registers of the columns whose value changed.
+    IF cardinality(cols) = 0 THEN
+        upd_cols := '';
+        upd_vals := '';
+        upd_set := '"$row|t" = v."$row|t"';
+    ELSE
+        SELECT string_agg(format(', %I, %I, %I', col || '|' || me, col || '|t', col || '|n'), ''),
+               string_agg(format(', CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN c END, CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN k END, CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %2$L END', col, me), ''),
+               string_agg(format('%2$I = CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN c ELSE v.%2$I END, '
+                                 '%3$I = CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %5$s ELSE v.%3$I END, '
+                                 '%4$I = CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %6$L ELSE v.%4$I END',
+                                 col, col || '|' || me, col || '|t', col || '|n', stamp, me), ', ')
+          INTO upd_cols, upd_vals, upd_set FROM unnest(cols) col;
+    END IF;
+    changed := format('(%s) IS DISTINCT FROM (%s)', old_keys, new_keys);
+
+    body := format($body$
+DECLARE
+    c bigint;
+    k bigint;
+BEGIN
+    IF current_setting('pgduplex.apply', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    c := nextval('pgduplex.version_seq');
+    k := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+         + coalesce(nullif(current_setting('pgduplex.clock_skew_us', true), '')::bigint, 0);
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND %9$s) THEN
+        INSERT INTO pgduplex.%1$I AS v (%2$s, %3$I, %4$I, %5$I, "$dead") VALUES (%6$s, c, k, %7$L, %8$s)
+        ON CONFLICT (%2$s) DO UPDATE SET %10$s;
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND %9$s) THEN
+        INSERT INTO pgduplex.%1$I AS v (%2$s, %11$s) VALUES (%12$s, %13$s)
+        ON CONFLICT (%2$s) DO UPDATE SET %14$s, "$dead" = NULL;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO pgduplex.%1$I AS v (%2$s%15$s) VALUES (%12$s%16$s)
+        ON CONFLICT (%2$s) DO UPDATE SET %17$s;
+    END IF;
+    RETURN NULL;
+END
+$body$, vt, key_list, '$row|' || me, '$row|t', '$row|n', old_keys, me, dead, changed, del_set,
+        full_cols, new_keys, full_vals, full_set, upd_cols, upd_vals, upd_set);
+
+    EXECUTE format('CREATE OR REPLACE FUNCTION pgduplex.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
+                   'SET search_path = pg_catalog, pg_temp AS %L', fn, body);
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgduplex_capture') THEN
+        EXECUTE format('CREATE TRIGGER pgduplex_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION pgduplex.%I()', rel, fn);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgduplex_capture', rel);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgduplex_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER pgduplex_no_truncate BEFORE TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgduplex.refuse_truncate()', rel);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgduplex_no_truncate', rel);
+    END IF;
+    INSERT INTO pgduplex.tracked (table_schema, table_name, versions_table, key_columns, tracked_columns)
+    VALUES (sch, tbl, vt, keys, cols)
+    ON CONFLICT (table_schema, table_name) DO UPDATE
+       SET versions_table = excluded.versions_table, key_columns = excluded.key_columns,
+           tracked_columns = excluded.tracked_columns;
+END
+$gen$;
+
+-- Removes the capture trigger and the guard of one table (teardown, or a table leaving the set).
+CREATE OR REPLACE FUNCTION pgduplex.untrack(sch text, tbl text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+DECLARE
+    rel regclass := to_regclass(format('%I.%I', sch, tbl));
+BEGIN
+    IF rel IS NOT NULL THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS pgduplex_capture ON %s', rel);
+        EXECUTE format('DROP TRIGGER IF EXISTS pgduplex_no_truncate ON %s', rel);
+    END IF;
+    DELETE FROM pgduplex.tracked WHERE table_schema = sch AND table_name = tbl;
+END
+$f$;
+
+-- Keeps capture triggers in step with their tables: a stale trigger would break the
+-- application's writes (e.g. after DROP COLUMN) or miss a new column.
+CREATE OR REPLACE FUNCTION pgduplex.on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+DECLARE
+    cmd record;
+BEGIN
+    IF current_setting('pgduplex.in_ddl', true) = 'on' THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('pgduplex.in_ddl', 'on', true);
+    FOR cmd IN
+        SELECT DISTINCT d.objid
+          FROM pg_event_trigger_ddl_commands() d
+          JOIN pg_class c ON c.oid = d.objid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pgduplex.tracked t ON t.table_schema = n.nspname AND t.table_name = c.relname
+         WHERE d.classid = 'pg_class'::regclass
+    LOOP
+        PERFORM pgduplex.track(cmd.objid::regclass);
+    END LOOP;
+    PERFORM set_config('pgduplex.in_ddl', 'off', true);
+END
+$f$;
+
+DROP EVENT TRIGGER IF EXISTS pgduplex_ddl;
+CREATE EVENT TRIGGER pgduplex_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION pgduplex.on_ddl();
