@@ -128,6 +128,11 @@ impl Direction {
     pub fn origin_name(&self) -> String {
         format!("pgduplex_from_{}", self.source)
     }
+    /// The replication origin on the target tagging `pgduplex resolve`'s writes of parked
+    /// changes from the source (an echo like the apply's: the source already has them).
+    pub fn resolve_origin_name(&self) -> String {
+        format!("pgduplex_resolve_from_{}", self.source)
+    }
 }
 
 /// Apply tuning: how many source transactions may share one target transaction.

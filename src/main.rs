@@ -32,6 +32,39 @@ enum Command {
     Run,
     /// Remove what init created: slots first, then publications, origins and the schema.
     Teardown,
+    /// List parked changes (two-way), or apply or discard them.
+    Resolve {
+        #[command(subcommand)]
+        action: Option<ResolveAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResolveAction {
+    /// List the changes parked on both nodes (the default).
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply parked changes on a node: each with every parked change of its row, merged into
+    /// the row as it is now.
+    Apply(Selection),
+    /// Forget parked changes on a node (the node they came from keeps them).
+    Discard(Selection),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "all"])))]
+struct Selection {
+    /// The node the changes are parked on.
+    #[arg(long)]
+    node: String,
+    /// Parked change ids, as `resolve list` shows them.
+    ids: Vec<i64>,
+    /// Every change parked on the node.
+    #[arg(long)]
+    all: bool,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +96,7 @@ fn main() -> ExitCode {
             Command::Init => init(config).await,
             Command::Run => run(config).await,
             Command::Teardown => teardown(config).await,
+            Command::Resolve { action } => resolve(config, action.unwrap_or(ResolveAction::List { json: false })).await,
         }
     });
     match result {
@@ -88,6 +122,44 @@ async fn teardown(config: Config) -> anyhow::Result<()> {
         println!("{line}");
     }
     println!("teardown complete");
+    Ok(())
+}
+
+async fn resolve(config: Config, action: ResolveAction) -> anyhow::Result<()> {
+    use setup::resolve::{self, Choice};
+    let (selection, choice) = match action {
+        ResolveAction::List { json } => {
+            let parked = resolve::list(&config).await?;
+            if json {
+                for p in &parked {
+                    println!("{}", serde_json::to_string(p)?);
+                }
+            } else if parked.is_empty() {
+                println!("no parked changes");
+            } else {
+                println!("{:<10} {:>6}  {:<20}  {:<10} {:<12} {:<24} {:<8} {:<20} error", "node", "id", "parked at", "from", "source lsn", "table", "op", "key");
+                for p in &parked {
+                    println!(
+                        "{:<10} {:>6}  {:<20}  {:<10} {:<12} {:<24} {:<8} {:<20} {}",
+                        p.node, p.id, p.at, p.source_node, p.source_lsn, p.table, p.op, p.key, p.error
+                    );
+                }
+            }
+            return Ok(());
+        }
+        ResolveAction::Apply(s) => (s, Choice::Apply),
+        ResolveAction::Discard(s) => (s, Choice::Discard),
+    };
+    let node = config
+        .nodes
+        .keys()
+        .find(|n| n.as_str() == selection.node)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("--node {}: not a node of the config", selection.node))?;
+    let ids = if selection.all { Vec::new() } else { selection.ids };
+    for line in resolve::settle(&config, &node, &ids, choice).await? {
+        println!("{line}");
+    }
     Ok(())
 }
 

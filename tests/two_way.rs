@@ -86,13 +86,18 @@ async fn random_writes(node: Node, seed: u64, steps: usize) {
 
 /// Waits until both nodes hold the same rows in every table and versions table.
 async fn wait_identical(setup: &Setup, seed: u64) {
+    wait_same(setup, COMPARED, seed).await;
+}
+
+/// Waits until both nodes hold the same rows in `tables`.
+async fn wait_same(setup: &Setup, tables: &[&str], seed: u64) {
     let a = setup.source.client().await;
     let b = setup.target.client().await;
     let timeout = Duration::from_secs(90);
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let mut difference = None;
-        for t in COMPARED {
+        for t in tables {
             let (ra, rb) = (rows(&a, t).await, rows(&b, t).await);
             if ra != rb {
                 difference = Some(format!("{t}: {} rows vs {} rows\n  a: {ra:?}\n  b: {rb:?}", ra.len(), rb.len()));
@@ -318,4 +323,70 @@ async fn init_refuses_sequence_keys_and_tables_without_primary_key() {
     assert_eq!(left, vec!["0".to_string()], "teardown removes the pgduplex schema, its triggers and versions tables");
     let triggers = query_strings(&a, "SELECT count(*)::text FROM pg_trigger WHERE tgname LIKE 'pgduplex%'").await;
     assert_eq!(triggers, vec!["0".to_string()]);
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Both nodes insert the same value into a UNIQUE (non-key) column under different keys: each
+/// side parks the other's insert, replication goes on for other rows, `resolve` lists both, and
+/// resolving them (after the operator fixed one email) converges the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_violation_is_parked_then_resolved() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "uq_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "uq_b").await;
+    for n in [&a, &b] {
+        exec(n, "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text)").await;
+    }
+    let setup = Setup::both(&a, &b, &["public.users"], "");
+    setup.init();
+    let users: &[&str] = &["users", "pgduplex.\"public.users\""];
+
+    exec(&a, "INSERT INTO users VALUES (1, 'x@example.com', 'from a')").await;
+    exec(&b, "INSERT INTO users VALUES (2, 'x@example.com', 'from b')").await;
+    let mut run = setup.run();
+    // Each side parks the other's insert; later rows still flow both ways.
+    exec(&a, "INSERT INTO users VALUES (10, 'p@example.com', 'later a')").await;
+    exec(&b, "INSERT INTO users VALUES (20, 'q@example.com', 'later b')").await;
+    for (n, id) in [(&a, 20), (&b, 10)] {
+        let c = n.client().await;
+        support::wait_until(&format!("row {id} replicated to {}", n.name), Duration::from_secs(30), || {
+            let c = &c;
+            async move { c.query_opt(&format!("SELECT 1 FROM users WHERE id = {id}"), &[]).await.ok().flatten().is_some() }
+        })
+        .await;
+    }
+    let parked = |dir: String| run.metric(&format!("pgduplex_parked_changes{{direction=\"{dir}\"}}")).unwrap_or(-1.0);
+    assert_eq!(parked(format!("{}-to-{}", a.name, b.name)), 1.0, "a's insert is parked on b");
+    assert_eq!(parked(format!("{}-to-{}", b.name, a.name)), 1.0, "b's insert is parked on a");
+    let list = stdout(&setup.command(&["resolve", "list"]));
+    assert!(list.contains("public.users") && list.contains("{\"id\": \"1\"}") && list.contains("{\"id\": \"2\"}"), "{list}");
+    assert!(list.contains("23505") || list.contains("duplicate key"), "the list says why: {list}");
+
+    // The operator gives user 2 another address on b, where user 2 lives: that update is parked
+    // on a behind user 2's insert. Then both nodes' parked changes are applied.
+    exec(&b, "UPDATE users SET email = 'x2@example.com' WHERE id = 2").await;
+    let c = a.client().await;
+    support::wait_until("the update of user 2 parked on a behind its insert", Duration::from_secs(30), || {
+        let c = &c;
+        async move {
+            c.query_one("SELECT count(*) FROM pgduplex.parked WHERE key = '{\"id\": \"2\"}'", &[]).await.map(|r| r.get::<_, i64>(0)).unwrap_or(0) == 2
+        }
+    })
+    .await;
+    for n in [&b, &a] {
+        let out = setup.command(&["resolve", "apply", "--node", &n.name, "--all"]);
+        assert!(out.status.success(), "resolve apply on {}: {}", n.name, stdout(&out));
+    }
+    wait_same(&setup, users, 0).await;
+    let emails = query_strings(&a, "SELECT id || ' ' || email FROM users ORDER BY id").await;
+    assert_eq!(emails, vec!["1 x@example.com", "2 x2@example.com", "10 p@example.com", "20 q@example.com"]);
+    assert!(stdout(&setup.command(&["resolve", "list"])).contains("no parked changes"));
+    support::wait_until("pgduplex_parked_changes back to 0", Duration::from_secs(30), || async {
+        parked(format!("{}-to-{}", a.name, b.name)) == 0.0 && parked(format!("{}-to-{}", b.name, a.name)) == 0.0
+    })
+    .await;
+    run.stop();
+    setup.teardown();
 }

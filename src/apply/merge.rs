@@ -176,15 +176,24 @@ impl Applier {
     /// Turns this applier into a two-way one: changes arrive paired with their versions rows
     /// and are merged. Reads the keys already parked from this source.
     pub async fn enable_two_way(&mut self, two_way: TwoWay) -> Result<(), ApplyError> {
-        let mut two_way = two_way;
+        self.two_way = Some(two_way);
+        self.refresh_parked().await
+    }
+
+    /// Re-reads the parked changes from this source (`pgduplex resolve` removes them while we
+    /// run): the gauge, and the keys later changes must be parked behind.
+    pub async fn refresh_parked(&mut self) -> Result<(), ApplyError> {
+        let Some(tw) = &self.two_way else { return Ok(()) };
+        let remote = tw.remote.as_str().to_string();
         let rows = self
             .client
-            .query("SELECT table_name, key::text FROM pgduplex.parked WHERE source_node = $1", &[&two_way.remote.as_str()])
+            .query("SELECT table_name, key::text FROM pgduplex.parked WHERE source_node = $1", &[&remote])
             .await
-            .map_err(self.db_err("cannot read pgduplex.parked (run `pgduplex init` for two-way replication)"))?;
-        two_way.parked = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            .map_err(self.db_err("cannot read pgduplex.parked"))?;
         self.metrics.parked_changes.with_label_values(&[&self.label]).set(rows.len() as i64);
-        self.two_way = Some(two_way);
+        if let Some(tw) = &mut self.two_way {
+            tw.parked = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        }
         Ok(())
     }
 
@@ -221,17 +230,12 @@ impl Applier {
             async move { client.batch_execute(sql).await.map_err(|e| ApplyError::Db(DbError::new(&node, sql, e))) }
         };
 
-        let behind_parked = self.two_way.as_ref().and_then(|tw| {
-            changes
-                .iter()
-                .find(|c| tw.parked.contains(&(c.qualified(), key_json(&c.key))))
-                .map(|c| format!("an earlier change of {} key {} is parked", c.qualified(), key_json(&c.key)))
-        });
+        let behind_parked = self.parked_key_among(&changes).await?;
         let mut park = park_reason.or(behind_parked.map(|m| (m, None)));
         if park.is_none() {
             exec("SAVEPOINT pgduplex_source_transaction").await?;
             for c in &changes {
-                match self.merge_change(c, source_lsn).await {
+                match self.merge_changes(std::slice::from_ref(c), source_lsn).await {
                     Ok(()) => {}
                     Err(MergeFailure::Park { error, sqlstate }) => {
                         park = Some((error, sqlstate));
@@ -252,6 +256,103 @@ impl Applier {
             b.rows += changes.len() as u64;
         }
         Ok(())
+    }
+
+    /// Whether a change of `changes` touches a key with parked changes from this source: then
+    /// it must be parked behind them. The in-memory set is only a fast path (`resolve` removes
+    /// rows behind our back): a hit is confirmed in `pgduplex.parked`, waiting for a `resolve`
+    /// in progress on that key (it holds the rows FOR UPDATE).
+    async fn parked_key_among(&mut self, changes: &[RowChange]) -> Result<Option<String>, ApplyError> {
+        let Some(tw) = &self.two_way else { return Ok(None) };
+        let remote = tw.remote.as_str().to_string();
+        let hits: Vec<(String, String)> = changes
+            .iter()
+            .map(|c| (c.qualified(), key_json(&c.key)))
+            .filter(|k| tw.parked.contains(k))
+            .collect();
+        for (table, key) in hits {
+            let still = self
+                .client
+                .query_opt(
+                    "SELECT id FROM pgduplex.parked WHERE source_node = $1 AND table_name = $2 AND key = $3::text::jsonb \
+                     ORDER BY id LIMIT 1 FOR SHARE",
+                    &[&remote, &table, &key],
+                )
+                .await
+                .map_err(self.db_err("cannot read pgduplex.parked"))?;
+            match still {
+                Some(row) => {
+                    let id: i64 = row.get(0);
+                    return Ok(Some(format!("parked behind change {id} of {table} key {key}, which is parked")));
+                }
+                None => {
+                    if let Some(tw) = &mut self.two_way {
+                        tw.parked.remove(&(table, key));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Applies the parked changes of one row (the key of parked change `id` from this source),
+    /// joined in their order, to the target in a transaction of its own, and removes them from
+    /// `pgduplex.parked`. `Ok(Err(reason))` when the row still cannot be applied (it stays
+    /// parked).
+    pub async fn resolve_parked(&mut self, id: i64) -> Result<Result<usize, String>, ApplyError> {
+        let Some(tw) = &self.two_way else { return Ok(Err("not a two-way applier".into())) };
+        let remote = tw.remote.as_str().to_string();
+        self.client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SET CONSTRAINTS ALL IMMEDIATE").await.map_err(self.db_err("cannot begin"))?;
+        let result = self.resolve_in_transaction(id, &remote).await;
+        let end = match &result {
+            Ok(Ok(_)) => "COMMIT",
+            _ => "ROLLBACK",
+        };
+        self.client.batch_execute(end).await.map_err(self.db_err(format!("cannot {end} the resolve transaction")))?;
+        result
+    }
+
+    async fn resolve_in_transaction(&mut self, id: i64, remote: &str) -> Result<Result<usize, String>, ApplyError> {
+        let Some(first) = self
+            .client
+            .query_opt("SELECT table_name, key::text FROM pgduplex.parked WHERE id = $1 AND source_node = $2", &[&id, &remote])
+            .await
+            .map_err(self.db_err("cannot read pgduplex.parked"))?
+        else {
+            return Ok(Err(format!("no parked change {id} from node {remote} on node {}", self.node)));
+        };
+        let (table, key): (String, String) = (first.get(0), first.get(1));
+        let rows = self
+            .client
+            .query(
+                "SELECT id, source_lsn::text, change::text FROM pgduplex.parked \
+                 WHERE source_node = $1 AND table_name = $2 AND key = $3::text::jsonb ORDER BY id FOR UPDATE",
+                &[&remote, &table, &key],
+            )
+            .await
+            .map_err(self.db_err("cannot lock parked changes"))?;
+        let mut chain = Vec::new();
+        let mut ids = Vec::new();
+        let mut lsn = Lsn::ZERO;
+        for r in &rows {
+            ids.push(r.get::<_, i64>(0));
+            lsn = r.get::<_, String>(1).parse().unwrap_or(Lsn::ZERO);
+            let change: RowChange = serde_json::from_str(r.get::<_, &str>(2)).map_err(|e| ApplyError::BadChange {
+                table: table.clone(),
+                message: format!("parked change {} cannot be read: {e}", r.get::<_, i64>(0)),
+            })?;
+            chain.push(change);
+        }
+        match self.merge_changes(&chain, lsn).await {
+            Ok(()) => {}
+            Err(MergeFailure::Park { error, .. }) => return Ok(Err(error)),
+            Err(MergeFailure::Apply(e)) => return Err(e),
+        }
+        self.client
+            .execute("DELETE FROM pgduplex.parked WHERE id = ANY ($1)", &[&ids])
+            .await
+            .map_err(self.db_err("cannot remove resolved changes from pgduplex.parked"))?;
+        Ok(Ok(ids.len()))
     }
 
     /// Stores a source transaction's changes in `pgduplex.parked` (in the open batch, so with
@@ -376,7 +477,10 @@ impl Applier {
     }
 
     /// Merges one row change into the target.
-    async fn merge_change(&mut self, c: &RowChange, source_lsn: Lsn) -> Result<(), MergeFailure> {
+    /// Merges a chain of changes of one row (one change while streaming; a key's parked
+    /// changes on resolve) into the target.
+    async fn merge_changes(&mut self, chain: &[RowChange], source_lsn: Lsn) -> Result<(), MergeFailure> {
+        let Some(c) = chain.first() else { return Ok(()) };
         self.two_way_table(&c.schema, &c.table).await?;
         let client: Arc<Client> = self.client.clone();
         let node = self.node.clone();
@@ -434,54 +538,21 @@ impl Applier {
             columns: local_values.iter().map(|(k, v)| (k.clone(), Cell { reg: regs.remove(k).unwrap_or_default(), value: v.clone() })).collect(),
         };
 
-        // The remote row and registers, from the data change and its versions row.
-        let shipped: HashMap<&str, Option<&str>> = c.versions.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        let num = |name: String| -> Result<Option<i64>, ApplyError> {
-            shipped.get(name.as_str()).copied().flatten().map(str::parse::<i64>).transpose().map_err(|e| ApplyError::BadChange {
-                table: c.qualified(),
-                message: format!("versions column {name}: {e}"),
-            })
-        };
-        let remote_reg = |col: &str| -> Result<Register, ApplyError> {
-            register(
-                &c.qualified(),
-                col,
-                [(nodes[0], num(format!("{col}|{}", nodes[0]))?), (nodes[1], num(format!("{col}|{}", nodes[1]))?)],
-                num(format!("{col}|t"))?,
-                shipped.get(format!("{col}|n").as_str()).copied().flatten(),
-            )
-        };
-        let remote_cols: Vec<&str> = c
-            .versions
-            .iter()
-            .filter_map(|(k, _)| k.strip_suffix("|t"))
-            .filter(|k| *k != ROW)
-            .collect();
-        let remote_dead = if c.op == RowOp::Delete {
-            dead_values(shipped.get(DEAD).copied().flatten(), &t.qualified)?
-        } else {
-            HashMap::new()
-        };
-        let sent: HashMap<&str, &Text> = c.values.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        // The remote row and registers: the change's, or the join of a parked chain's.
         let mut unsent = Vec::new();
-        let mut remote_columns = BTreeMap::new();
-        for col in remote_cols {
-            let value = if c.op == RowOp::Delete {
-                remote_dead.get(col).cloned().flatten()
-            } else if let Some(v) = sent.get(col) {
-                (*v).clone()
-            } else {
-                // Unchanged TOAST: the source kept its value, which the registers say we have.
-                unsent.push(col.to_string());
-                local_values.get(col).cloned().flatten()
-            };
-            remote_columns.insert(col.to_string(), Cell { reg: remote_reg(col)?, value });
+        let mut remote: Option<RowVersions<Text>> = None;
+        for c in chain {
+            let (r, mut u) = remote_row(c, &t.qualified, nodes, &local_values)?;
+            unsent.append(&mut u);
+            remote = Some(match remote {
+                None => r,
+                Some(acc) => merge_row(&acc, &r, policy)
+                    .map_err(|e| MergeFailure::Apply(ApplyError::SchemaDrift { table: t.qualified.clone(), message: e.to_string() }))?
+                    .row,
+            });
         }
-        let remote = RowVersions {
-            row: Cell { reg: remote_reg(ROW)?, value: if c.op == RowOp::Delete { Existence::Dead } else { Existence::Alive } },
-            columns: remote_columns,
-        };
-
+        let Some(remote) = remote else { return Ok(()) };
+        let c = &chain[chain.len() - 1];
         let merged: RowMerge<Text> = merge_row(&local, &remote, policy).map_err(|e| {
             MergeFailure::Apply(ApplyError::SchemaDrift { table: t.qualified.clone(), message: e.to_string() })
         })?;
@@ -629,4 +700,63 @@ impl Applier {
         tracing::debug!(direction = %self.label, table = %c.qualified(), key = %key, kind = %conflict.kind, resolution, "conflict resolved");
         Ok(())
     }
+}
+
+/// The remote row of one change: its registers from the versions row, its values from the
+/// data change (or the tombstone values of a delete). Columns whose value was not sent
+/// (unchanged TOAST) take the local value and are returned, to check they do not win.
+fn remote_row(
+    c: &RowChange,
+    qualified: &str,
+    nodes: [NodeId; 2],
+    local_values: &BTreeMap<String, Text>,
+) -> Result<(RowVersions<Text>, Vec<String>), ApplyError> {
+        let shipped: HashMap<&str, Option<&str>> = c.versions.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        let num = |name: String| -> Result<Option<i64>, ApplyError> {
+            shipped.get(name.as_str()).copied().flatten().map(str::parse::<i64>).transpose().map_err(|e| ApplyError::BadChange {
+                table: c.qualified(),
+                message: format!("versions column {name}: {e}"),
+            })
+        };
+        let remote_reg = |col: &str| -> Result<Register, ApplyError> {
+            register(
+                &c.qualified(),
+                col,
+                [(nodes[0], num(format!("{col}|{}", nodes[0]))?), (nodes[1], num(format!("{col}|{}", nodes[1]))?)],
+                num(format!("{col}|t"))?,
+                shipped.get(format!("{col}|n").as_str()).copied().flatten(),
+            )
+        };
+        let remote_cols: Vec<&str> = c
+            .versions
+            .iter()
+            .filter_map(|(k, _)| k.strip_suffix("|t"))
+            .filter(|k| *k != ROW)
+            .collect();
+        let remote_dead = if c.op == RowOp::Delete {
+            dead_values(shipped.get(DEAD).copied().flatten(), qualified)?
+        } else {
+            HashMap::new()
+        };
+        let sent: HashMap<&str, &Text> = c.values.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut unsent = Vec::new();
+        let mut remote_columns = BTreeMap::new();
+        for col in remote_cols {
+            let value = if c.op == RowOp::Delete {
+                remote_dead.get(col).cloned().flatten()
+            } else if let Some(v) = sent.get(col) {
+                (*v).clone()
+            } else {
+                // Unchanged TOAST: the source kept its value, which the registers say we have.
+                unsent.push(col.to_string());
+                local_values.get(col).cloned().flatten()
+            };
+            remote_columns.insert(col.to_string(), Cell { reg: remote_reg(col)?, value });
+        }
+        let remote = RowVersions {
+            row: Cell { reg: remote_reg(ROW)?, value: if c.op == RowOp::Delete { Existence::Dead } else { Existence::Alive } },
+            columns: remote_columns,
+        };
+
+        Ok((remote, unsent))
 }

@@ -171,9 +171,20 @@ impl Applier {
         cfg: ApplyConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(Applier, Lsn), ApplyError> {
+        Applier::connect_with_origin(target, direction, cfg, metrics, direction.origin_name()).await
+    }
+
+    /// [`Applier::connect`] under another replication origin (`pgduplex resolve` tags its
+    /// writes with the direction's resolve origin while `run` holds the apply origin).
+    pub async fn connect_with_origin(
+        target: &NodeConfig,
+        direction: &Direction,
+        cfg: ApplyConfig,
+        metrics: Arc<Metrics>,
+        origin: String,
+    ) -> Result<(Applier, Lsn), ApplyError> {
         let node = target.name.to_string();
         let client = db::connect(target, &format!("pgduplex apply {}", direction.label())).await?;
-        let origin = direction.origin_name();
         let setup = format!(
             "SET session_replication_role = replica; SET synchronous_commit = off; \
              SET lock_timeout = {}; SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \

@@ -159,8 +159,9 @@ struct State<'a> {
     applier: Applier,
     ctx: DecodeContext,
     open: Option<OpenTransaction>,
-    /// Origin name whose transactions on the source are our own applied writes.
-    echo_origin: String,
+    /// Origin names whose transactions on the source are our own writes: the apply's and
+    /// `resolve`'s, of changes that came from the target.
+    echo_origins: [String; 2],
     /// Highest WAL end the server told us about.
     server_wal_end: Lsn,
     /// Highest source commit end handed to the applier.
@@ -303,7 +304,10 @@ async fn stream_once(
         applier,
         ctx: DecodeContext { protocol_version: proto_version, in_streamed_transaction: false },
         open: None,
-        echo_origin: Direction { source: direction.target.clone(), target: direction.source.clone() }.origin_name(),
+        echo_origins: {
+            let reverse = Direction { source: direction.target.clone(), target: direction.source.clone() };
+            [reverse.origin_name(), reverse.resolve_origin_name()]
+        },
         server_wal_end: origin_progress,
         write_lsn: origin_progress,
         flushed: origin_progress,
@@ -386,6 +390,9 @@ async fn stream_once(
             if now >= next_slot_check {
                 next_slot_check = now + SLOT_CHECK_INTERVAL;
                 check_slot(metrics, &label, direction.source.as_str(), &source_sql, &slot).await?;
+                if !st.applier.batch_open() {
+                    st.applier.refresh_parked().await.map_err(|e| st.apply_err(e))?;
+                }
             }
         }
     }
@@ -479,7 +486,7 @@ impl State<'_> {
                 let Some(open) = &mut self.open else {
                     return Err(self.violation(lsn, "Origin outside a transaction"));
                 };
-                open.echo = o.name == self.echo_origin;
+                open.echo = self.echo_origins.contains(&o.name);
             }
             Message::Relation(rel) => match &mut self.pairer {
                 Some(pairer) => {

@@ -2,6 +2,7 @@
 //! replication needs (publication, slot, origin, the `pgduplex` schema).
 
 mod checks;
+pub mod resolve;
 
 use std::fmt;
 
@@ -25,6 +26,12 @@ pub enum SetupError {
     Db(#[from] DbError),
     #[error("{}", Problems(.0))]
     Prerequisites(Vec<Problem>),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Apply(Box<crate::apply::ApplyError>),
+    #[error("{}", .lines.join("\n"))]
+    Unresolved { lines: Vec<String> },
 }
 
 struct Problems<'a>(&'a [Problem]);
@@ -283,6 +290,11 @@ pub async fn teardown(config: &Config) -> Result<Vec<String>, SetupError> {
         if n > 0 {
             lines.push(format!("node {tgt}: replication origin {origin} dropped"));
         }
+        let resolve_origin = d.resolve_origin_name();
+        target
+            .execute("SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1", &[&resolve_origin])
+            .await
+            .map_err(|e| DbError::new(tgt, format!("cannot drop replication origin {resolve_origin} (is `pgduplex resolve` running?)"), e))?;
         // The schema goes only when no other pgduplex setup on this database still uses it.
         // (An error here means the table is gone already: nothing else uses the schema.)
         let others: i64 = target
