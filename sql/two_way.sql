@@ -8,6 +8,8 @@
 --   "<c>|t"      bigint        t: stamp of the write that produced the current value (µs)
 --   "<c>|n"      text          n: node where that write happened
 --   for c in ('$row', c1, ..., cn), where '$row' is the existence register, and
+--   "$stamp"     bigint        the largest stamp the row has seen (the Lamport clock of the row;
+--                              merged as a maximum)
 --   "$dead"      jsonb         NULL while the row exists; for a deleted row (a tombstone), the
 --                              values of its columns as text, which the merge still needs
 -- and a capture trigger that writes exactly one versions change per data change.
@@ -110,6 +112,14 @@ DECLARE
     upd_cols text;
     upd_vals text;
     upd_set text;
+    flags text;
+    flag_decls text;
+    flag_sum text;
+    flag_any text;
+    single text;
+    ins_stmt text;
+    del_stmt text;
+    upd_stmt text;
     changed text;
     body text;
     existing text[];
@@ -156,7 +166,7 @@ BEGIN
             END IF;
         END LOOP;
     END LOOP;
-    IF '$dead' = ANY (keys) THEN
+    IF '$dead' = ANY (keys) OR '$stamp' = ANY (keys) THEN
         RAISE EXCEPTION 'table %.%: key column "$dead" collides with the versions table''s tombstone column; rename it', sch, tbl;
     END IF;
 
@@ -171,7 +181,8 @@ BEGIN
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
      WHERE i.indrelid = rel AND i.indisprimary;
     IF to_regclass(format('pgduplex.%I', vt)) IS NULL THEN
-        EXECUTE format('CREATE TABLE pgduplex.%I (%s, "$dead" jsonb, PRIMARY KEY (%s))', vt, key_defs, key_list);
+        -- Free space on each page keeps the trigger's updates of a versions row HOT.
+        EXECUTE format('CREATE TABLE pgduplex.%I (%s, "$stamp" bigint, "$dead" jsonb, PRIMARY KEY (%s)) WITH (fillfactor = 80)', vt, key_defs, key_list);
     END IF;
     SELECT coalesce(array_agg(a.attname::text), '{}') INTO existing
       FROM pg_attribute a
@@ -192,62 +203,112 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- The stamp of a write: the clock, but above every stamp in the row (Lamport condition).
-    SELECT 'greatest(k, ' || string_agg(format('v.%I + 1', r || '|t'), ', ') || ')' INTO stamp FROM unnest(regs) r;
+    -- The stamp of a write: the clock, but above every stamp the row has seen (Lamport
+    -- condition). "$stamp" keeps the largest stamp of the row, so this costs one column, not
+    -- one per register.
+    stamp := 'greatest(k, v."$stamp" + 1)';
     -- Values of a deleted row, as text (jsonb_build_object takes at most 100 arguments).
     SELECT coalesce(string_agg(part, ' || '), '''{}''::jsonb') INTO dead FROM (
         SELECT 'jsonb_build_object(' || string_agg(format('%L, OLD.%I::text', col, col), ', ') || ')' AS part
           FROM (SELECT col, (row_number() OVER () - 1) / 50 AS grp FROM unnest(cols) col) s GROUP BY grp ORDER BY grp) p;
+    changed := format('(%s) IS DISTINCT FROM (%s)', old_keys, new_keys);
 
     -- An insert (or the new key of a key change): every register and $row.
     SELECT string_agg(format('%I, %I, %I', r || '|' || me, r || '|t', r || '|n'), ', '),
            string_agg(format('c, k, %L', me), ', '),
            string_agg(format('%I = c, %I = %s, %I = %L', r || '|' || me, r || '|t', stamp, r || '|n', me), ', ')
       INTO full_cols, full_vals, full_set FROM unnest(regs) r;
-    -- A delete (or the old key of a key change): $row only, and the tombstone values.
-    del_set := format('%I = c, %I = %s, %I = %L, "$dead" = excluded."$dead"', '$row|' || me, '$row|t', stamp, '$row|n', me);
-    -- An update: the registers of the columns whose value changed.
-    IF cardinality(cols) = 0 THEN
-        upd_cols := '';
-        upd_vals := '';
-        upd_set := '"$row|t" = v."$row|t"';
-    ELSE
-        SELECT string_agg(format(', %I, %I, %I', col || '|' || me, col || '|t', col || '|n'), ''),
-               string_agg(format(', CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN c END, CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN k END, CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %2$L END', col, me), ''),
-               string_agg(format('%2$I = CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN c ELSE v.%2$I END, '
-                                 '%3$I = CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %5$s ELSE v.%3$I END, '
-                                 '%4$I = CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %6$L ELSE v.%4$I END',
-                                 col, col || '|' || me, col || '|t', col || '|n', stamp, me), ', ')
-          INTO upd_cols, upd_vals, upd_set FROM unnest(cols) col;
-    END IF;
-    changed := format('(%s) IS DISTINCT FROM (%s)', old_keys, new_keys);
+    ins_stmt := format($s$
+        INSERT INTO pgduplex.%1$I (%2$s, %3$s, "$stamp") VALUES (%4$s, %5$s, k) ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            UPDATE pgduplex.%1$I AS v SET %6$s, "$stamp" = %7$s, "$dead" = NULL WHERE (%2$s) = (%4$s);
+        END IF;$s$, vt, key_list, full_cols, new_keys, full_vals, full_set, stamp);
 
+    -- A delete (or the old key of a key change): $row only, and the tombstone values.
+    del_set := format('%I = c, %I = %s, %I = %L, "$stamp" = %s, "$dead" = %s', '$row|' || me, '$row|t', stamp, '$row|n', me, stamp, dead);
+    del_stmt := format($s$
+        UPDATE pgduplex.%1$I AS v SET %2$s WHERE (%3$s) = (%4$s);
+        IF NOT FOUND THEN
+            INSERT INTO pgduplex.%1$I (%3$s, %5$I, %6$I, %7$I, "$stamp", "$dead") VALUES (%4$s, c, k, %8$L, k, %9$s)
+            ON CONFLICT DO NOTHING;
+            IF NOT FOUND THEN
+                UPDATE pgduplex.%1$I AS v SET %2$s WHERE (%3$s) = (%4$s);
+            END IF;
+        END IF;$s$, vt, del_set, key_list, old_keys, '$row|' || me, '$row|t', '$row|n', me, dead);
+
+    -- An update: the registers of the columns whose value changed (flag d<i> per column,
+    -- computed once). One changed column, the common case, gets a statement of its own: the
+    -- executor then builds four assignments, not three per column.
+    IF cardinality(cols) = 0 THEN
+        upd_stmt := format($s$
+        UPDATE pgduplex.%1$I AS v SET "$stamp" = v."$stamp" WHERE (%2$s) = (%3$s);
+        IF NOT FOUND THEN
+            INSERT INTO pgduplex.%1$I (%2$s) VALUES (%3$s) ON CONFLICT DO NOTHING;
+        END IF;$s$, vt, key_list, new_keys);
+        flag_decls := '';
+    ELSE
+        SELECT string_agg(format(', %I, %I, %I', col || '|' || me, col || '|t', col || '|n'), '' ORDER BY i),
+               string_agg(format(', CASE WHEN d%1$s THEN c END, CASE WHEN d%1$s THEN k END, CASE WHEN d%1$s THEN %2$L END', i, me), '' ORDER BY i),
+               string_agg(format('%2$I = CASE WHEN d%1$s THEN c ELSE v.%2$I END, '
+                                 '%3$I = CASE WHEN d%1$s THEN %5$s ELSE v.%3$I END, '
+                                 '%4$I = CASE WHEN d%1$s THEN %6$L ELSE v.%4$I END',
+                                 i, col || '|' || me, col || '|t', col || '|n', stamp, me), ', ' ORDER BY i),
+               string_agg(format('        d%1$s := OLD.%2$I IS DISTINCT FROM NEW.%2$I;', i, col), E'\n' ORDER BY i),
+               string_agg(format('    d%s boolean;', i), E'\n' ORDER BY i),
+               string_agg(format('d%s::int', i), ' + ' ORDER BY i),
+               string_agg(format('d%s', i), ' OR ' ORDER BY i),
+               string_agg(format(E'            %1$s d%2$s THEN\n                UPDATE pgduplex.%3$I AS v SET %4$I = c, %5$I = %6$s, %7$I = %8$L, "$stamp" = %6$s WHERE (%9$s) = (%10$s);',
+                                 CASE WHEN i = 1 THEN 'IF' ELSE 'ELSIF' END, i, vt, col || '|' || me, col || '|t', stamp,
+                                 col || '|n', me, key_list, new_keys), E'\n' ORDER BY i)
+          INTO upd_cols, upd_vals, upd_set, flags, flag_decls, flag_sum, flag_any, single
+          FROM unnest(cols) WITH ORDINALITY AS u(col, i);
+        upd_set := format('%s, "$stamp" = CASE WHEN %s THEN %s ELSE v."$stamp" END', upd_set, flag_any, stamp);
+        upd_stmt := format($s$
+%1$s
+        IF %2$s = 1 THEN
+%3$s
+            END IF;
+        ELSE
+            UPDATE pgduplex.%4$I AS v SET %5$s WHERE (%6$s) = (%7$s);
+        END IF;
+        IF NOT FOUND THEN
+            INSERT INTO pgduplex.%4$I (%6$s%8$s, "$stamp") VALUES (%7$s%9$s, CASE WHEN %10$s THEN k END)
+            ON CONFLICT DO NOTHING;
+            IF NOT FOUND THEN
+                UPDATE pgduplex.%4$I AS v SET %5$s WHERE (%6$s) = (%7$s);
+            END IF;
+        END IF;$s$, flags, flag_sum, single, vt, upd_set, key_list, new_keys, upd_cols, upd_vals, flag_any);
+    END IF;
+
+    -- Existing versions rows are the common case for updates and deletes, new ones for inserts:
+    -- each path tries the likely statement first. (An upsert, INSERT ... ON CONFLICT DO UPDATE,
+    -- costs more: it locks the row with a WAL record of its own and builds both projections.)
     body := format($body$
 DECLARE
     c bigint;
     k bigint;
+%1$s
 BEGIN
     IF current_setting('pgduplex.apply', true) = 'on' THEN
         RETURN NULL;
     END IF;
     c := nextval('pgduplex.version_seq');
-    k := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+    -- µs since 1970 (a double holds them exactly until the year 2255)
+    k := (date_part('epoch', clock_timestamp()) * 1000000)::bigint
          + coalesce(nullif(current_setting('pgduplex.clock_skew_us', true), '')::bigint, 0);
-    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND %9$s) THEN
-        INSERT INTO pgduplex.%1$I AS v (%2$s, %3$I, %4$I, %5$I, "$dead") VALUES (%6$s, c, k, %7$L, %8$s)
-        ON CONFLICT (%2$s) DO UPDATE SET %10$s;
+    IF TG_OP = 'UPDATE' AND NOT %2$s THEN
+%3$s
+        RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND %9$s) THEN
-        INSERT INTO pgduplex.%1$I AS v (%2$s, %11$s) VALUES (%12$s, %13$s)
-        ON CONFLICT (%2$s) DO UPDATE SET %14$s, "$dead" = NULL;
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO pgduplex.%1$I AS v (%2$s%15$s) VALUES (%12$s%16$s)
-        ON CONFLICT (%2$s) DO UPDATE SET %17$s;
+    IF TG_OP <> 'INSERT' THEN
+%4$s
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+%5$s
     END IF;
     RETURN NULL;
 END
-$body$, vt, key_list, '$row|' || me, '$row|t', '$row|n', old_keys, me, dead, changed, del_set,
-        full_cols, new_keys, full_vals, full_set, upd_cols, upd_vals, upd_set);
+$body$, flag_decls, changed, upd_stmt, del_stmt, ins_stmt);
 
     EXECUTE format('CREATE OR REPLACE FUNCTION pgduplex.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
                    'SET search_path = pg_catalog, pg_temp AS %L', fn, body);

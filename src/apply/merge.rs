@@ -35,6 +35,9 @@ use crate::versions::{
 
 /// Name of the tombstone-values column of a versions table.
 const DEAD: &str = "$dead";
+/// Name of the column holding the largest stamp a row has seen (what a local write's stamp must
+/// exceed).
+const STAMP: &str = "$stamp";
 
 /// A two-way table on the target, as `pgduplex.tracked` and the catalog describe it.
 struct TwoWayTable {
@@ -440,7 +443,12 @@ impl Applier {
                 )
             })
             .collect();
-        let read_versions = format!("SELECT {}::text{regs} FROM {} WHERE {where_keys} FOR UPDATE", quote_ident(DEAD), t.versions);
+        let read_versions = format!(
+            "SELECT {}::text, {}{regs} FROM {} WHERE {where_keys} FOR UPDATE",
+            quote_ident(DEAD),
+            quote_ident(STAMP),
+            t.versions
+        );
         let prep = |sql: String| {
             let client = self.client.clone();
             let node = self.node.clone();
@@ -508,10 +516,11 @@ impl Applier {
 
         // The local row and registers.
         let local_dead = dead_values(versions.get::<_, Option<&str>>(0), &t.qualified)?;
+        let local_stamp: Option<i64> = versions.get(1);
         let local_alive = row.is_some();
         let mut regs = HashMap::new();
         for (i, r) in t.registers().enumerate() {
-            let base = 1 + i * 4;
+            let base = 2 + i * 4;
             let reg = register(
                 &t.qualified,
                 r,
@@ -541,7 +550,15 @@ impl Applier {
         // The remote row and registers: the change's, or the join of a parked chain's.
         let mut unsent = Vec::new();
         let mut remote: Option<RowVersions<Text>> = None;
+        let mut row_stamp = local_stamp;
         for c in chain {
+            let shipped = c.versions.iter().find(|(k, _)| k == STAMP).and_then(|(_, v)| v.as_deref());
+            if let Some(v) = shipped {
+                let v: i64 = v.parse().map_err(|e| {
+                    MergeFailure::Apply(ApplyError::BadChange { table: t.qualified.clone(), message: format!("versions column {STAMP}: {e}") })
+                })?;
+                row_stamp = row_stamp.max(Some(v));
+            }
             let (r, mut u) = remote_row(c, &t.qualified, nodes, &local_values)?;
             unsent.append(&mut u);
             remote = Some(match remote {
@@ -615,8 +632,10 @@ impl Applier {
                 .collect();
             Some(serde_json::Value::Object(map).to_string())
         };
-        let mut set = vec![format!("{} = $1::text::jsonb", quote_ident(DEAD))];
-        let mut params = vec![text_param(&dead)];
+        // The row's Lamport clock is the largest stamp either side has seen: a maximum, so a join.
+        let row_stamp = row_stamp.max(m.max_t());
+        let mut set = vec![format!("{} = $1::text::jsonb", quote_ident(DEAD)), format!("{} = $2", quote_ident(STAMP))];
+        let mut params = vec![text_param(&dead), text_param(&row_stamp.map(|t| t.to_string()))];
         for r in &registers {
             let reg = if r == ROW { &m.row.reg } else { &m.columns[r].reg };
             for n in nodes {
