@@ -508,4 +508,20 @@ mod tests {
         let e = Config::parse(&format!("{GOOD}\n[conflicts]\nprefer = \"old\"\n")).unwrap_err().to_string();
         assert!(e.contains("two-way"), "{e}");
     }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let example = include_str!("../pgduplex.example.toml");
+        Config::parse(example).expect("pgduplex.example.toml");
+        Config::parse(include_str!("../deploy/pgduplex.toml")).expect("deploy/pgduplex.toml");
+        // The commented two-way lines of the example, switched on.
+        let two_way = example
+            .replace("direction = \"old-to-new\" ", "direction = \"both\" ")
+            .replace("# [conflicts", "[conflicts")
+            .replace("# policy", "policy")
+            .replace("# prefer", "prefer");
+        let c = Config::parse(&two_way).expect("two-way example");
+        assert!(c.two_way());
+        assert_eq!(c.conflicts.for_table("public", "accounts"), Policy::Prefer(NodeId::new("old").unwrap()));
+    }
 }

@@ -239,12 +239,20 @@ async fn every_conflict_kind_is_resolved_and_recorded() {
     }
     let recorded = query_strings(&a, "SELECT column_name || ':' || winner FROM pgduplex.conflicts WHERE key = '{\"id\": \"2\"}' ORDER BY id").await;
     assert!(recorded.contains(&format!("y:{}", b.name)), "conflict on kv(2).y names the winner: {recorded:?}");
-    let total = run
-        .metric("pgduplex_conflicts_total{kind=\"update/update\",resolution=\"remote\",table=\"public.kv\"}")
-        .unwrap_or(0.0)
-        + run.metric("pgduplex_conflicts_total{kind=\"update/update\",resolution=\"local\",table=\"public.kv\"}").unwrap_or(0.0)
-        + run.metric("pgduplex_conflicts_total{kind=\"update/update\",resolution=\"mixed\",table=\"public.kv\"}").unwrap_or(0.0);
-    assert!(total >= 1.0, "pgduplex_conflicts_total counts update/update conflicts");
+    // Counted when the apply transaction's COMMIT is collected (within a status interval).
+    let update_update = || {
+        ["remote", "local", "mixed"]
+            .iter()
+            .map(|r| {
+                run.metric(&format!("pgduplex_conflicts_total{{kind=\"update/update\",resolution=\"{r}\",table=\"public.kv\"}}"))
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    support::wait_until("pgduplex_conflicts_total to count the update/update conflicts", Duration::from_secs(10), || async {
+        update_update() >= 1.0
+    })
+    .await;
     run.stop();
     setup.teardown();
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_postgres::{Client, Statement};
 
-use super::{ApplyError, Applier, TextValue};
+use super::{ApplyError, Applier, ConflictCount, TextValue};
 use crate::config::ConflictPolicies;
 use crate::db::{DbError, quote_ident};
 use crate::lsn::Lsn;
@@ -48,6 +48,9 @@ struct TwoWayTable {
     columns: Vec<String>,
     policy: Policy,
     overriding: bool,
+    /// The primary key constraint's name: a violation of it is a race with a local insert
+    /// (retry), not a conflict the merge cannot settle (park).
+    primary_key: Option<String>,
     read_row: Statement,
     placeholder: Statement,
     read_versions: Statement,
@@ -236,6 +239,7 @@ impl Applier {
         let behind_parked = self.parked_key_among(&changes).await?;
         let mut park = park_reason.or(behind_parked.map(|m| (m, None)));
         if park.is_none() {
+            let conflicts_before = self.batch.as_ref().map_or(0, |b| b.conflicts.len());
             exec("SAVEPOINT pgduplex_source_transaction").await?;
             for c in &changes {
                 match self.merge_changes(std::slice::from_ref(c), source_lsn).await {
@@ -249,6 +253,9 @@ impl Applier {
             }
             if park.is_some() {
                 exec("ROLLBACK TO SAVEPOINT pgduplex_source_transaction").await?;
+                if let Some(b) = &mut self.batch {
+                    b.conflicts.truncate(conflicts_before);
+                }
             }
             exec("RELEASE SAVEPOINT pgduplex_source_transaction").await?;
         }
@@ -392,7 +399,9 @@ impl Applier {
             .query_opt(
                 "SELECT key_columns, tracked_columns, versions_table, \
                  EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = format('%I.%I', table_schema, table_name)::regclass \
-                         AND a.attidentity = 'a' AND NOT a.attisdropped) \
+                         AND a.attidentity = 'a' AND NOT a.attisdropped), \
+                 (SELECT conname::text FROM pg_constraint WHERE conrelid = format('%I.%I', table_schema, table_name)::regclass \
+                         AND contype = 'p') \
                  FROM pgduplex.tracked WHERE table_schema = $1 AND table_name = $2",
                 &[&schema, &table],
             )
@@ -408,6 +417,7 @@ impl Applier {
         let columns: Vec<String> = row.get(1);
         let versions_table: String = row.get(2);
         let overriding: bool = row.get(3);
+        let primary_key: Option<String> = row.get(4);
         let target = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let versions = format!("pgduplex.{}", quote_ident(&versions_table));
         let tw = self.two_way.as_ref().expect("checked above");
@@ -421,6 +431,7 @@ impl Applier {
             columns,
             policy,
             overriding,
+            primary_key,
             read_row: self.client.prepare("SELECT 1").await.map_err(self.db_err("prepare"))?,
             placeholder: self.client.prepare("SELECT 1").await.map_err(self.db_err("prepare"))?,
             read_versions: self.client.prepare("SELECT 1").await.map_err(self.db_err("prepare"))?,
@@ -508,10 +519,14 @@ impl Applier {
         let key_refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key.iter().map(|v| v as _).collect();
 
         // Lock and read: data row first, then the versions row (the trigger's order).
-        let (row, _, versions) = tokio::try_join!(
+        // The data row is read twice: locked first (the trigger's order), and again once the
+        // versions row is locked, since a local insert of the key may have committed in between
+        // (it was invisible, so not locked, the first time). All four in one round trip.
+        let (_, _, versions, row) = tokio::try_join!(
             async { client.query_opt(&t.read_row, &key_refs).await.map_err(|e| db(&format!("cannot read {} for update", t.qualified), e)) },
             async { client.execute(&t.placeholder, &key_refs).await.map_err(|e| db(&format!("cannot create the versions row of {}", t.qualified), e)) },
             async { client.query_one(&t.read_versions, &key_refs).await.map_err(|e| db(&format!("cannot read versions of {}", t.qualified), e)) },
+            async { client.query_opt(&t.read_row, &key_refs).await.map_err(|e| db(&format!("cannot read {} for update", t.qualified), e)) },
         )?;
 
         // The local row and registers.
@@ -585,6 +600,7 @@ impl Applier {
         // Write the merged row.
         let m = &merged.row;
         let (target, versions_table, overriding) = (t.target.clone(), t.versions.clone(), t.overriding);
+        let primary_key = t.primary_key.clone();
         let keys = t.keys.clone();
         let columns = t.columns.clone();
         let qualified = t.qualified.clone();
@@ -614,7 +630,16 @@ impl Applier {
                 params.extend(columns.iter().map(|col| text_param(&m.columns[col].value)));
                 let stmt = self.cached(sql).await?;
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|v| v as _).collect();
-                client.execute(&stmt, &refs).await.map_err(|e| db(&format!("cannot insert into {qualified}"), e))?;
+                client.execute(&stmt, &refs).await.map_err(|e| {
+                    let pk_race = e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+                        && e.as_db_error().and_then(|d| d.constraint()).is_some_and(|c| Some(c) == primary_key.as_deref());
+                    if pk_race {
+                        // A local insert of this key committed after our reads: retry the batch.
+                        MergeFailure::Apply(ApplyError::Db(DbError::new(&node, format!("row of {qualified} inserted concurrently; retrying"), e)))
+                    } else {
+                        db(&format!("cannot insert into {qualified}"), e)
+                    }
+                })?;
             }
         } else if local_alive {
             let stmt = self.cached(format!("DELETE FROM ONLY {target} WHERE {where_keys}")).await?;
@@ -715,7 +740,13 @@ impl Applier {
                 .await
                 .map_err(|e| MergeFailure::Apply(ApplyError::Db(DbError::new(&self.node, "cannot record a conflict in pgduplex.conflicts", e))))?;
         }
-        self.metrics.conflicts.with_label_values(&[&c.qualified(), conflict.kind.as_str(), resolution]).inc();
+        match &mut self.batch {
+            Some(b) => b.conflicts.push(ConflictCount { table: c.qualified(), kind: conflict.kind.as_str(), resolution }),
+            // `resolve` runs outside batches: its transaction is its own.
+            None => {
+                self.metrics.conflicts.with_label_values(&[&c.qualified(), conflict.kind.as_str(), resolution]).inc();
+            }
+        }
         tracing::debug!(direction = %self.label, table = %c.qualified(), key = %key, kind = %conflict.kind, resolution, "conflict resolved");
         Ok(())
     }

@@ -77,7 +77,15 @@ impl ApplyError {
 enum Completion {
     Done,
     /// A batch's COMMIT went through: its progress is now the origin's.
-    Committed { end_lsn: Lsn, transactions: u64, rows: u64, started: Instant },
+    Committed { end_lsn: Lsn, transactions: u64, rows: u64, started: Instant, conflicts: Vec<ConflictCount> },
+}
+
+/// A conflict recorded in a batch, counted in `pgduplex_conflicts_total` once the batch commits
+/// (a batch that is rolled back and retried must not count its conflicts twice).
+struct ConflictCount {
+    table: String,
+    kind: &'static str,
+    resolution: &'static str,
 }
 
 type InFlight = Pin<Box<dyn Future<Output = Result<Completion, ApplyError>> + Send>>;
@@ -133,6 +141,8 @@ struct Batch {
     last_end_lsn: Option<(Lsn, i64)>,
     /// Set by a TRUNCATE: commit after the current source transaction.
     must_end: bool,
+    /// Conflicts resolved in this batch (two-way), counted when it commits.
+    conflicts: Vec<ConflictCount>,
 }
 
 /// Hand COPY data to the connection in chunks of about this size.
@@ -301,7 +311,7 @@ impl Applier {
                 Ok(Completion::Done)
             }))
             .await?;
-            self.batch = Some(Batch { started: Instant::now(), transactions: 0, rows: 0, last_end_lsn: None, must_end: false });
+            self.batch = Some(Batch { started: Instant::now(), transactions: 0, rows: 0, last_end_lsn: None, must_end: false, conflicts: Vec::new() });
         }
         Ok(())
     }
@@ -481,7 +491,10 @@ impl Applier {
 
     /// Books a completed request: a COMMIT moves the committed position and the metrics.
     fn complete(&mut self, c: Completion) {
-        if let Completion::Committed { end_lsn, transactions, rows, started } = c {
+        if let Completion::Committed { end_lsn, transactions, rows, started, conflicts } = c {
+            for c in conflicts {
+                self.metrics.conflicts.with_label_values(&[&c.table, c.kind, c.resolution]).inc();
+            }
             debug_assert!(end_lsn >= self.committed, "origin progress must not go backwards");
             self.committed = self.committed.max(end_lsn);
             if self.commit_in_flight.is_some_and(|l| l <= end_lsn) {
@@ -744,14 +757,14 @@ impl Applier {
             quote_literal(&end_lsn.to_string()),
             pg_timestamp_literal(commit_time)
         );
-        let (transactions, rows, started) = (batch.transactions, batch.rows, batch.started);
+        let (transactions, rows, started, conflicts) = (batch.transactions, batch.rows, batch.started, batch.conflicts);
         self.commit_in_flight = Some(end_lsn);
         self.enqueue(Box::pin(async move {
             client
                 .batch_execute(&sql)
                 .await
                 .map_err(|e| ApplyError::Db(DbError::new(&node, "cannot commit apply transaction", e)))?;
-            Ok(Completion::Committed { end_lsn, transactions, rows, started })
+            Ok(Completion::Committed { end_lsn, transactions, rows, started, conflicts })
         }))
         .await
     }
