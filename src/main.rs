@@ -27,11 +27,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check prerequisites on both nodes, then create publication, slot, origin and schema.
-    Init,
+    Init {
+        /// Only check and report what would be created; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Stream changes until SIGINT/SIGTERM; serves /metrics and /healthz.
     Run,
     /// Remove what init created: slots first, then publications, origins and the schema.
     Teardown,
+    /// Where each direction stands: slot, confirmed and applied positions, lag, retained WAL,
+    /// applied counts and conflicts, and whether `run` is alive.
+    Status {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sequences (not carried by logical decoding): interleave them for two-way inserts, or
+    /// sync them for cutover.
+    Sequences {
+        #[command(subcommand)]
+        action: SequencesAction,
+    },
     /// List parked changes (two-way), or apply or discard them.
     Resolve {
         #[command(subcommand)]
@@ -52,6 +69,19 @@ enum ResolveAction {
     Apply(Selection),
     /// Forget parked changes on a node (the node they came from keeps them).
     Discard(Selection),
+}
+
+#[derive(Subcommand)]
+enum SequencesAction {
+    /// Make both nodes' sequences generate disjoint values (increment 2, one node odd, the
+    /// other even), restarting above every value used.
+    Interleave,
+    /// Move every sequence of the other node past this node's value (never backwards).
+    Sync {
+        /// The node whose sequences are ahead (default: the source of a one-way setup).
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -93,9 +123,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Init => init(config).await,
+            Command::Init { dry_run } => init(config, dry_run).await,
             Command::Run => run(config).await,
             Command::Teardown => teardown(config).await,
+            Command::Status { json } => status(config, json).await,
+            Command::Sequences { action } => sequences(config, action).await,
             Command::Resolve { action } => resolve(config, action.unwrap_or(ResolveAction::List { json: false })).await,
         }
     });
@@ -108,12 +140,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn init(config: Config) -> anyhow::Result<()> {
-    let report = setup::init(&config).await?;
+async fn init(config: Config, dry_run: bool) -> anyhow::Result<()> {
+    let report = setup::init(&config, dry_run).await?;
     for line in report.lines {
         println!("{line}");
     }
-    println!("init complete: start streaming with `pgduplex run`");
+    if !dry_run {
+        println!("init complete: start streaming with `pgduplex run`");
+    }
     Ok(())
 }
 
@@ -122,6 +156,42 @@ async fn teardown(config: Config) -> anyhow::Result<()> {
         println!("{line}");
     }
     println!("teardown complete");
+    Ok(())
+}
+
+async fn sequences(config: Config, action: SequencesAction) -> anyhow::Result<()> {
+    let lines = match action {
+        SequencesAction::Interleave => setup::sequences::interleave(&config).await?,
+        SequencesAction::Sync { from } => {
+            let from = match from {
+                Some(f) => config
+                    .nodes
+                    .keys()
+                    .find(|n| n.as_str() == f)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("--from {f}: not a node of the config"))?,
+                None if !config.two_way() => config.directions[0].source.clone(),
+                None => anyhow::bail!("two-way setup: say which node's sequences are ahead with --from <node>"),
+            };
+            let to = config.nodes.keys().find(|n| **n != from).cloned().ok_or_else(|| anyhow::anyhow!("two nodes are needed"))?;
+            setup::sequences::sync(&config, &from, &to).await?
+        }
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn status(config: Config, json: bool) -> anyhow::Result<()> {
+    let s = setup::status::status(&config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        for line in setup::status::render(&s) {
+            println!("{line}");
+        }
+    }
     Ok(())
 }
 

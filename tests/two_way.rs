@@ -149,13 +149,15 @@ async fn converges(va: PgVersion, vb: PgVersion, seeds: &[u64], clock_step_back:
 
         // Idle: nothing is applied in either direction any more (no echo loop).
         // The last no-op merges (writes both sides already hold) finish first: wait for the counts
-        // to stand still for a second, then hold them to a 5 s window.
+        // to stand still for two seconds, then hold them to a 5 s window.
         let mut before = applied(&run, &setup);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut still = 0;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = applied(&run, &setup);
-            if now == before {
+            still = if now == before { still + 1 } else { 0 };
+            if still == 2 {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "seed {seed}: applies did not stop within 30 s: {now:?}");

@@ -3,6 +3,8 @@
 
 mod checks;
 pub mod resolve;
+pub mod sequences;
+pub mod status;
 
 use std::fmt;
 
@@ -53,8 +55,9 @@ pub struct InitReport {
 }
 
 /// Checks every prerequisite of every direction, reports all problems at once, and only then
-/// creates publications, slots, origins and the `pgduplex` schema. Safe to run again.
-pub async fn init(config: &Config) -> Result<InitReport, SetupError> {
+/// creates publications, slots, origins and the `pgduplex` schema. Safe to run again. With
+/// `dry_run`, only checks and says what it would create.
+pub async fn init(config: &Config, dry_run: bool) -> Result<InitReport, SetupError> {
     let mut report = InitReport::default();
     let mut problems = Vec::new();
     let mut plans = Vec::new();
@@ -72,6 +75,28 @@ pub async fn init(config: &Config) -> Result<InitReport, SetupError> {
     }
     if !problems.is_empty() {
         return Err(SetupError::Prerequisites(problems));
+    }
+    if dry_run {
+        report.lines.push("all prerequisites are met; init would:".into());
+        for (d, source, _, tables) in &plans {
+            if config.two_way() {
+                report.lines.push(format!(
+                    "  node {}: install the pgduplex schema with versions tables and capture triggers for {} table(s)",
+                    d.source,
+                    tables.len()
+                ));
+            }
+            report_foreign_replication(d, source, &mut report).await?;
+            report.lines.push(format!(
+                "  node {}: create publication {} ({} table(s)) and replication slot {}",
+                d.source,
+                d.publication_name(),
+                tables.len(),
+                d.slot_name()
+            ));
+            report.lines.push(format!("  node {}: create replication origin {}", d.target, d.origin_name()));
+        }
+        return Ok(report);
     }
     if config.two_way() {
         // Versions tables and capture triggers first, on both nodes: publications list them.

@@ -202,6 +202,25 @@ where
     }
 }
 
+/// Polls `f` every 50 ms until it returns true or `timeout` passes; returns the last answer,
+/// for callers that report a failure with what they saw.
+pub async fn poll_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// [`wait_until`] for code that is not async (Drop, process exits).
 pub fn wait_until_blocking(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     if !poll_blocking(timeout, &mut f) {

@@ -1,0 +1,169 @@
+//! The live-migration toolkit against real servers: `init --dry-run`.
+
+mod replicator;
+mod support;
+
+use replicator::{Node, Setup};
+use support::{PgVersion, shared_cluster};
+
+async fn count(n: &Node, sql: &str) -> i64 {
+    n.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// `init --dry-run` reports every problem, or what init would create, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_dry_run_reports_and_changes_nothing() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "dr_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "dr_b").await;
+    a.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE only_a (id int PRIMARY KEY)").await.unwrap();
+    b.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int)").await.unwrap();
+    let setup = Setup::both(&a, &b, &["public.*"], "");
+
+    let out = setup.command(&["init", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "problems must fail the dry run");
+    assert!(text.contains("only_a") && text.contains(&b.name), "missing table named with its node: {text}");
+    assert!(text.contains("public.t.v") || (text.contains("t.v") && text.contains("integer")), "type difference named: {text}");
+
+    b.client().await.batch_execute("ALTER TABLE t ALTER COLUMN v TYPE text; CREATE TABLE only_a (id int PRIMARY KEY)").await.unwrap();
+    let out = setup.command(&["init", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "dry run: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("would") && text.contains(&format!("pgduplex_{}_to_{}", a.name, b.name)), "{text}");
+    for n in [&a, &b] {
+        for (what, sql) in [
+            ("slots", format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%{}%'", a.name)),
+            ("publications", format!("SELECT count(*) FROM pg_publication WHERE pubname LIKE '%{}%'", a.name)),
+            ("origins", format!("SELECT count(*) FROM pg_replication_origin WHERE roname LIKE '%{}'", a.name)),
+            ("pgduplex schema", "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgduplex'".to_string()),
+        ] {
+            assert_eq!(count(n, &sql).await, 0, "the dry run created {what} on node {}", n.name);
+        }
+    }
+    // The real init then goes through.
+    setup.init();
+    setup.teardown();
+}
+
+fn status_json(setup: &Setup) -> serde_json::Value {
+    let out = setup.command(&["status", "--json"]);
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `status` reports each direction from the catalogs and, while `run` is alive, its metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_each_direction() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "st_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "st_b").await;
+    for n in [&a, &b] {
+        n.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)").await.unwrap();
+    }
+    let setup = Setup::both(&a, &b, &["public.t"], "");
+    setup.init();
+    let mut run = setup.run();
+    a.client().await.batch_execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 100) g").await.unwrap();
+    setup.wait_converged(&["t"], std::time::Duration::from_secs(30)).await;
+    let a_to_b = format!("{}-to-{}", a.name, b.name);
+    let mut last = serde_json::Value::Null;
+    let ok = support::poll_async(std::time::Duration::from_secs(20), || {
+        last = status_json(&setup);
+        let d = last["directions"].as_array().and_then(|ds| ds.iter().find(|d| d["direction"] == a_to_b.as_str())).cloned();
+        async move { d.is_some_and(|d| d["applied_transactions"].as_u64().unwrap_or(0) >= 1 && d["slot_active"] == true) }
+    })
+    .await;
+    assert!(ok, "status never showed the applied transaction: {last:#}");
+    assert_eq!(last["run_alive"], true);
+    let ds = last["directions"].as_array().expect("directions");
+    assert_eq!(ds.len(), 2);
+    for d in ds {
+        assert_eq!(d["slot_exists"], true, "{d:#}");
+        assert!(d["lag_bytes"].as_i64().is_some_and(|l| (0..16 << 20).contains(&l)), "lag in bytes: {d:#}");
+        assert!(d["retained_wal_bytes"].as_i64().is_some(), "{d:#}");
+        assert_eq!(d["parked_changes"], 0, "{d:#}");
+        assert_eq!(d["streaming"], true, "{d:#}");
+    }
+    assert_eq!(last["conflicts_recorded"].as_object().map(|o| o.len()), Some(2));
+    let text = String::from_utf8_lossy(&setup.command(&["status"]).stdout).to_string();
+    assert!(text.contains("alive") && text.contains(&format!("direction {a_to_b}")), "{text}");
+
+    run.stop();
+    let s = status_json(&setup);
+    assert_eq!(s["run_alive"], false, "{s:#}");
+    assert!(s["directions"][0]["applied_transactions"].is_null());
+    setup.teardown();
+}
+
+fn command_ok(setup: &Setup, args: &[&str]) -> String {
+    let out = setup.command(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgduplex {args:?} failed: {text}");
+    text
+}
+
+/// After `sequences interleave`, init accepts a serial key for two-way replication and rows
+/// inserted on both nodes at once never take the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_interleave_keeps_two_way_inserts_apart() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "sq_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "sq_b").await;
+    for n in [&a, &b] {
+        n.client()
+            .await
+            .batch_execute("CREATE TABLE items (id serial PRIMARY KEY, who text); INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 5) g")
+            .await
+            .unwrap();
+    }
+    let setup = Setup::both(&a, &b, &["public.items"], "");
+    let out = setup.command(&["init"]);
+    assert!(!out.status.success(), "a plain serial key must be refused for two-way");
+    let text = command_ok(&setup, &["sequences", "interleave"]);
+    assert!(text.contains("public.items_id_seq") && text.contains("restarts at"), "{text}");
+    setup.init();
+    let mut run = setup.run();
+    let insert = |n: Node| async move {
+        let c = n.client().await;
+        for _ in 0..100 {
+            c.batch_execute(&format!("INSERT INTO items (who) VALUES ('{}')", n.name)).await.expect("insert");
+        }
+    };
+    tokio::join!(insert(a.clone()), insert(b.clone()));
+    setup.wait_converged(&["items"], std::time::Duration::from_secs(60)).await;
+    assert_eq!(count(&a, "SELECT count(*) FROM items").await, 205, "no insert was lost to a key collision");
+    assert_eq!(count(&a, "SELECT count(*) FROM pgduplex.parked").await + count(&b, "SELECT count(*) FROM pgduplex.parked").await, 0);
+    let parities = |n: &Node| format!("SELECT count(DISTINCT id % 2) FROM items WHERE who = '{}'", n.name);
+    assert_eq!(count(&a, &parities(&a)).await, 1, "node a's keys share one parity");
+    assert_eq!(count(&a, &parities(&b)).await, 1, "node b's keys share one parity");
+    run.stop();
+    // Running it again changes nothing.
+    let again = command_ok(&setup, &["sequences", "interleave"]);
+    assert!(again.contains("already interleaved"), "{again}");
+    setup.teardown();
+}
+
+/// After `sequences sync`, every target sequence is ahead of the source's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_sync_moves_the_target_ahead() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "sy_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "sy_b").await;
+    for n in [&a, &b] {
+        n.client()
+            .await
+            .batch_execute("CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text); CREATE TABLE notes (id serial PRIMARY KEY)")
+            .await
+            .unwrap();
+    }
+    let setup = Setup::new(&a, &b, &["public.*"], "");
+    setup.init();
+    let mut run = setup.run();
+    a.client().await.batch_execute("INSERT INTO orders (v) SELECT 'x' FROM generate_series(1, 50); INSERT INTO notes SELECT FROM generate_series(1, 7)").await.unwrap();
+    setup.wait_converged(&["orders", "notes"], std::time::Duration::from_secs(30)).await;
+    run.stop();
+    let text = command_ok(&setup, &["sequences", "sync"]);
+    assert!(text.contains("orders_id_seq") && text.contains("set to 50"), "{text}");
+    assert_eq!(count(&b, "SELECT nextval('orders_id_seq')").await, 51);
+    assert_eq!(count(&b, "SELECT nextval('notes_id_seq')").await, 8);
+    let again = command_ok(&setup, &["sequences", "sync"]);
+    assert!(again.contains("already at"), "never moves a sequence backwards: {again}");
+    setup.teardown();
+}
