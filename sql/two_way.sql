@@ -19,9 +19,14 @@ CREATE SCHEMA IF NOT EXISTS pgduplex;
 -- The nodes of this setup; exactly one row is this node.
 CREATE TABLE IF NOT EXISTS pgduplex.nodes (
     name text PRIMARY KEY,
-    is_self boolean NOT NULL
+    is_self boolean NOT NULL,
+    -- Added to this node's stamp clock, in µs, baked into the capture triggers when they are
+    -- (re)generated. Tests use it to make a clock step back; a superuser setting on purpose,
+    -- not a session one, so no writer can move its own stamps.
+    clock_skew_us bigint NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_one_self ON pgduplex.nodes (is_self) WHERE is_self;
+ALTER TABLE pgduplex.nodes ADD COLUMN IF NOT EXISTS clock_skew_us bigint NOT NULL DEFAULT 0;
 
 -- The node-wide version counter: one nextval per local write. No CACHE: values handed out in
 -- one session must still be below those of any later session.
@@ -34,8 +39,11 @@ CREATE TABLE IF NOT EXISTS pgduplex.tracked (
     versions_table text NOT NULL UNIQUE,
     key_columns text[] NOT NULL,
     tracked_columns text[] NOT NULL,
+    -- The table's OID on this node: the event trigger recognises a renamed table by it.
+    relid oid NOT NULL,
     PRIMARY KEY (table_schema, table_name)
 );
+ALTER TABLE pgduplex.tracked ADD COLUMN IF NOT EXISTS relid oid;
 
 -- Every conflict the apply resolved on this node (one row per contested column).
 CREATE TABLE IF NOT EXISTS pgduplex.conflicts (
@@ -77,6 +85,22 @@ BEGIN
     RAISE EXCEPTION 'TRUNCATE of %.% is not allowed while pgduplex replicates it both ways', TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING HINT = 'Use DELETE (it is replicated), or remove the table from two-way replication first.',
               ERRCODE = 'feature_not_supported';
+END
+$f$;
+
+-- Whether `OLD.col IS DISTINCT FROM NEW.col` resolves with only pg_catalog on the search path
+-- (json, xml, point and many extension types have no such "=" operator): the trigger compares
+-- their text otherwise.
+CREATE OR REPLACE FUNCTION pgduplex.comparable(rel regclass, col text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+DECLARE
+    typ text;
+BEGIN
+    SELECT format_type(a.atttypid, NULL) INTO typ FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = col;
+    EXECUTE format('SELECT NULL::%s IS DISTINCT FROM NULL::%s', typ, typ);
+    RETURN true;
+EXCEPTION WHEN undefined_function OR feature_not_supported OR datatype_mismatch THEN
+    RETURN false;
 END
 $f$;
 
@@ -123,14 +147,18 @@ DECLARE
     changed text;
     body text;
     existing text[];
+    skew bigint;
 BEGIN
-    SELECT name INTO me FROM pgduplex.nodes WHERE is_self;
+    SELECT name, clock_skew_us INTO me, skew FROM pgduplex.nodes WHERE is_self;
     SELECT array_agg(name ORDER BY name) INTO nodes FROM pgduplex.nodes;
     IF me IS NULL OR cardinality(nodes) <> 2 THEN
         RAISE EXCEPTION 'pgduplex.nodes must list two nodes, one of them this one: run pgduplex init';
     END IF;
     SELECT n.nspname, c2.relname, c2.relkind INTO sch, tbl, kind
       FROM pg_class c2 JOIN pg_namespace n ON n.oid = c2.relnamespace WHERE c2.oid = rel;
+    IF position('.' in sch) > 0 OR position('.' in tbl) > 0 THEN
+        RAISE EXCEPTION 'table %.%: names containing "." cannot be replicated both ways (they would share a versions table name); rename the table or schema', quote_ident(sch), quote_ident(tbl);
+    END IF;
     IF kind <> 'r' THEN
         RAISE EXCEPTION 'table %.% cannot be replicated both ways: only plain tables are supported (not partitioned tables, views or foreign tables)', sch, tbl;
     END IF;
@@ -139,7 +167,10 @@ BEGIN
         RAISE EXCEPTION 'table %.%: "schema.table" is longer than 63 bytes, too long for the name of its versions table; rename the table or schema', sch, tbl;
     END IF;
     fn := 'capture ' || vt;
-    fn := left(fn, 63);
+    IF octet_length(fn) > 63 THEN
+        -- Truncation alone could give two tables one function: keep a hash of the full name.
+        fn := left(fn, 45) || ' ' || left(md5(vt), 16);
+    END IF;
     SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keys
       FROM pg_index i
       CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
@@ -154,6 +185,10 @@ BEGIN
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
        AND NOT a.attname = ANY (keys);
     regs := ARRAY['$row'] || cols;
+    IF cardinality(regs) * 4 + cardinality(keys) + 2 > 1600 THEN
+        RAISE EXCEPTION 'table %.% has too many columns (%) for its versions table (4 per column, at most 1600 in all); replicate it one way',
+            sch, tbl, cardinality(cols) + cardinality(keys);
+    END IF;
 
     -- Register column names must fit and must not collide with key columns.
     FOREACH reg IN ARRAY regs LOOP
@@ -166,8 +201,8 @@ BEGIN
             END IF;
         END LOOP;
     END LOOP;
-    IF '$dead' = ANY (keys) OR '$stamp' = ANY (keys) THEN
-        RAISE EXCEPTION 'table %.%: key column "$dead" collides with the versions table''s tombstone column; rename it', sch, tbl;
+    IF '$dead' = ANY (keys) OR '$stamp' = ANY (keys) OR '$row' = ANY (cols) OR '$row' = ANY (keys) THEN
+        RAISE EXCEPTION 'table %.%: a column named "$dead", "$stamp" or "$row" collides with pgduplex''s versions columns; rename it', sch, tbl;
     END IF;
 
     -- The versions table: keys, then registers; columns of dropped columns go, new ones come.
@@ -253,7 +288,10 @@ BEGIN
                                  '%3$I = CASE WHEN d%1$s THEN %5$s ELSE v.%3$I END, '
                                  '%4$I = CASE WHEN d%1$s THEN %6$L ELSE v.%4$I END',
                                  i, col || '|' || me, col || '|t', col || '|n', stamp, me), ', ' ORDER BY i),
-               string_agg(format('        d%1$s := OLD.%2$I IS DISTINCT FROM NEW.%2$I;', i, col), E'\n' ORDER BY i),
+               string_agg(CASE WHEN pgduplex.comparable(rel, col)
+                               THEN format('        d%1$s := OLD.%2$I IS DISTINCT FROM NEW.%2$I;', i, col)
+                               ELSE format('        d%1$s := OLD.%2$I::text IS DISTINCT FROM NEW.%2$I::text;', i, col) END,
+                          E'\n' ORDER BY i),
                string_agg(format('    d%s boolean;', i), E'\n' ORDER BY i),
                string_agg(format('d%s::int', i), ' + ' ORDER BY i),
                string_agg(format('d%s', i), ' OR ' ORDER BY i),
@@ -294,8 +332,7 @@ BEGIN
     END IF;
     c := nextval('pgduplex.version_seq');
     -- µs since 1970 (a double holds them exactly until the year 2255)
-    k := (date_part('epoch', clock_timestamp()) * 1000000)::bigint
-         + coalesce(nullif(current_setting('pgduplex.clock_skew_us', true), '')::bigint, 0);
+    k := (date_part('epoch', clock_timestamp()) * 1000000)::bigint%6$s;
     IF TG_OP = 'UPDATE' AND NOT %2$s THEN
 %3$s
         RETURN NULL;
@@ -308,7 +345,8 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$body$, flag_decls, changed, upd_stmt, del_stmt, ins_stmt);
+$body$, flag_decls, changed, upd_stmt, del_stmt, ins_stmt,
+        CASE WHEN skew = 0 THEN '' ELSE format(' + (%s)', skew) END);
 
     EXECUTE format('CREATE OR REPLACE FUNCTION pgduplex.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
                    'SET search_path = pg_catalog, pg_temp AS %L', fn, body);
@@ -322,10 +360,10 @@ $body$, flag_decls, changed, upd_stmt, del_stmt, ins_stmt);
                        'FOR EACH STATEMENT EXECUTE FUNCTION pgduplex.refuse_truncate()', rel);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgduplex_no_truncate', rel);
     END IF;
-    INSERT INTO pgduplex.tracked (table_schema, table_name, versions_table, key_columns, tracked_columns)
-    VALUES (sch, tbl, vt, keys, cols)
+    INSERT INTO pgduplex.tracked (table_schema, table_name, versions_table, key_columns, tracked_columns, relid)
+    VALUES (sch, tbl, vt, keys, cols, rel)
     ON CONFLICT (table_schema, table_name) DO UPDATE
-       SET versions_table = excluded.versions_table, key_columns = excluded.key_columns,
+       SET versions_table = excluded.versions_table, key_columns = excluded.key_columns, relid = excluded.relid,
            tracked_columns = excluded.tracked_columns;
 END
 $gen$;
@@ -347,27 +385,52 @@ $f$;
 -- Keeps capture triggers in step with their tables: a stale trigger would break the
 -- application's writes (e.g. after DROP COLUMN) or miss a new column.
 CREATE OR REPLACE FUNCTION pgduplex.on_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
     cmd record;
+    keys text[];
+    key_types text[];
+    old_types text[];
 BEGIN
     IF current_setting('pgduplex.in_ddl', true) = 'on' THEN
         RETURN;
     END IF;
     PERFORM set_config('pgduplex.in_ddl', 'on', true);
     FOR cmd IN
-        SELECT DISTINCT d.objid
+        SELECT DISTINCT d.objid, n.nspname::text AS nsp, c.relname::text AS rel, t.table_schema, t.table_name,
+               t.key_columns, t.versions_table
           FROM pg_event_trigger_ddl_commands() d
           JOIN pg_class c ON c.oid = d.objid
           JOIN pg_namespace n ON n.oid = c.relnamespace
-          JOIN pgduplex.tracked t ON t.table_schema = n.nspname AND t.table_name = c.relname
+          JOIN pgduplex.tracked t ON t.relid = d.objid
          WHERE d.classid = 'pg_class'::regclass
     LOOP
+        IF (cmd.nsp, cmd.rel) IS DISTINCT FROM (cmd.table_schema, cmd.table_name) THEN
+            RAISE EXCEPTION 'table %.% is replicated both ways by pgduplex and cannot be renamed or moved (to %.%)',
+                quote_ident(cmd.table_schema), quote_ident(cmd.table_name), quote_ident(cmd.nsp), quote_ident(cmd.rel)
+                USING HINT = 'Remove it from two-way replication first, or keep its name.';
+        END IF;
+        SELECT array_agg(a.attname::text ORDER BY k.ord), array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
+          INTO keys, key_types
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = cmd.objid AND i.indisprimary;
+        SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) INTO old_types
+          FROM unnest(cmd.key_columns) WITH ORDINALITY AS k(name, ord)
+          JOIN pg_attribute a ON a.attrelid = format('pgduplex.%I', cmd.versions_table)::regclass AND a.attname = k.name;
+        IF keys IS DISTINCT FROM cmd.key_columns OR key_types IS DISTINCT FROM old_types THEN
+            RAISE EXCEPTION 'the primary key of %.% (replicated both ways by pgduplex) cannot be changed, renamed or retyped',
+                quote_ident(cmd.table_schema), quote_ident(cmd.table_name)
+                USING HINT = 'Rows and their versions are matched by the key on both nodes. Remove the table from two-way replication first.';
+        END IF;
         PERFORM pgduplex.track(cmd.objid::regclass);
     END LOOP;
     PERFORM set_config('pgduplex.in_ddl', 'off', true);
 END
 $f$;
+
+REVOKE ALL ON FUNCTION pgduplex.track(regclass), pgduplex.untrack(text, text), pgduplex.comparable(regclass, text) FROM PUBLIC;
 
 DROP EVENT TRIGGER IF EXISTS pgduplex_ddl;
 CREATE EVENT TRIGGER pgduplex_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')

@@ -350,6 +350,13 @@ impl Config {
             })?),
         };
         let conflicts = parse_conflicts(raw.conflicts, &nodes)?;
+        if directions.len() == 2
+            && let Some(bad) = nodes.keys().find(|n| matches!(n.as_str(), "t" | "n"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "nodes.{bad}: two-way replication cannot use a node named \"t\" or \"n\" (versions columns <column>|t and <column>|n are taken): rename the node"
+            )));
+        }
         if directions.len() == 1 && (!conflicts.tables.is_empty() || conflicts.default != Policy::LastWriteWins) {
             return Err(ConfigError::Invalid(
                 "[conflicts] only applies to two-way replication (replication.direction = \"both\")".into(),
@@ -523,5 +530,12 @@ mod tests {
         let c = Config::parse(&two_way).expect("two-way example");
         assert!(c.two_way());
         assert_eq!(c.conflicts.for_table("public", "accounts"), Policy::Prefer(NodeId::new("old").unwrap()));
+    }
+
+    #[test]
+    fn two_way_refuses_node_names_of_register_columns() {
+        let text = GOOD.replace("nodes.old]", "nodes.t]").replace("old-to-new", "both");
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(e.contains("nodes.t") && e.contains("rename"), "{e}");
     }
 }

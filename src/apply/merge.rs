@@ -110,11 +110,20 @@ fn text_param(v: &Text) -> TextValue {
     TextValue(v.as_ref().map(|s| Bytes::copy_from_slice(s.as_bytes())))
 }
 
-/// The key as a JSON object `{"column": "text value"}`, as stored in conflicts and parked.
+/// The key as a JSON object `{"column": "text value"}`, as stored in conflicts and parked, with
+/// its keys in jsonb's own order (shorter first, then bytewise) so that it equals `key::text`
+/// read back from the table.
 fn key_json(key: &[(String, Text)]) -> String {
-    let map: serde_json::Map<String, serde_json::Value> =
-        key.iter().map(|(k, v)| (k.clone(), v.clone().map_or(serde_json::Value::Null, serde_json::Value::String))).collect();
-    serde_json::Value::Object(map).to_string()
+    let mut pairs: Vec<&(String, Text)> = key.iter().collect();
+    pairs.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then_with(|| a.0.cmp(&b.0)));
+    let body: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = v.as_ref().map_or(serde_json::Value::Null, |v| serde_json::Value::String(v.clone()));
+            format!("{}: {}", serde_json::Value::String(k.clone()), v)
+        })
+        .collect();
+    format!("{{{}}}", body.join(", "))
 }
 
 /// A register as text for `pgduplex.conflicts`: `{a: 3, b: 5} t=... n=a`.
@@ -353,6 +362,12 @@ impl Applier {
             })?;
             chain.push(change);
         }
+        if chain.iter().any(|c| c.versions.is_empty()) {
+            return Ok(Err(format!(
+                "a parked change of {table} key {key} came without its versions row (its capture trigger did not fire on node {remote}): \
+                 pgduplex cannot merge it; make the rows agree by hand, then discard it"
+            )));
+        }
         match self.merge_changes(&chain, lsn).await {
             Ok(()) => {}
             Err(MergeFailure::Park { error, .. }) => return Ok(Err(error)),
@@ -515,7 +530,19 @@ impl Applier {
                 MergeFailure::Apply(ApplyError::Db(DbError::new(&node, context.to_string(), e)))
             }
         };
-        let key: Vec<TextValue> = c.key.iter().map(|(_, v)| text_param(v)).collect();
+        // Key values in the table's primary-key order (the change lists them in column order).
+        let key: Vec<TextValue> = t
+            .keys
+            .iter()
+            .map(|k| {
+                c.key.iter().find(|(n, _)| n == k).map(|(_, v)| text_param(v)).ok_or_else(|| {
+                    MergeFailure::Apply(ApplyError::SchemaDrift {
+                        table: t.qualified.clone(),
+                        message: format!("the change has no value for key column {k}: the nodes' primary keys differ"),
+                    })
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let key_refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key.iter().map(|v| v as _).collect();
 
         // Lock and read: data row first, then the versions row (the trigger's order).
@@ -590,10 +617,10 @@ impl Applier {
         })?;
         for col in &unsent {
             if merged.column_outcomes.get(col).is_some_and(|o| *o != Outcome::KeepLocal) {
-                return Err(MergeFailure::Apply(ApplyError::BadChange {
-                    table: t.qualified.clone(),
-                    message: format!("column {col}: the remote value wins the merge but was not sent (unchanged TOAST)"),
-                }));
+                return Err(MergeFailure::Park {
+                    error: format!("table {}, column {col}: the remote value wins the merge but was not sent (unchanged TOAST)", t.qualified),
+                    sqlstate: None,
+                });
             }
         }
 

@@ -76,9 +76,19 @@ pub enum PairError {
 struct Pending {
     change: RowChange,
     paired: bool,
+    /// For the insert half of a key change: the index of its delete half, whose tombstone
+    /// values supply the columns the update did not send (unchanged TOAST).
+    old_half: Option<usize>,
 }
 
-type PairKey = (String, Vec<Text>);
+/// `(table, key)`, the key's values ordered by column name: the data relation lists key columns
+/// in table order, the versions table in primary-key order.
+type PairKey = (String, Vec<(String, Text)>);
+
+fn pair_key(table: String, mut key: Vec<(String, Text)>) -> PairKey {
+    key.sort_by(|a, b| a.0.cmp(&b.0));
+    (table, key)
+}
 
 /// Collects the changes of one source transaction and pairs them at its commit.
 #[derive(Default)]
@@ -155,8 +165,12 @@ impl Pairer {
                 let old_key = data_change(rel, RowOp::Delete, old, &TupleData::default())?;
                 if old_key.key != new_key.key {
                     let insert = RowChange { op: RowOp::Insert, ..new_key };
+                    let old_half = self.pending.len();
                     self.push(old_key);
                     self.push(insert);
+                    if let Some(p) = self.pending.last_mut() {
+                        p.old_half = Some(old_half);
+                    }
                     return Ok(());
                 }
                 self.push(new_key);
@@ -171,7 +185,8 @@ impl Pairer {
         let old = del.old_key.as_ref().or(del.old_row.as_ref()).cloned().unwrap_or_default();
         if rel.namespace == VERSIONS_SCHEMA {
             let (table, key, _) = versions_row(rel, &old)?;
-            return Err(PairError::StrayVersions { table, key: show_key(&key) });
+            let values: Vec<Text> = key.into_iter().map(|(_, v)| v).collect();
+            return Err(PairError::StrayVersions { table, key: show_key(&values) });
         }
         let change = data_change(rel, RowOp::Delete, &old, &TupleData::default())?;
         self.push(change);
@@ -179,15 +194,16 @@ impl Pairer {
     }
 
     fn push(&mut self, change: RowChange) {
-        let k = (change.qualified(), change.key.iter().map(|(_, v)| v.clone()).collect());
+        let k = pair_key(change.qualified(), change.key.clone());
         self.waiting.entry(k).or_default().push_back(self.pending.len());
-        self.pending.push(Pending { change, paired: false });
+        self.pending.push(Pending { change, paired: false, old_half: None });
     }
 
-    fn pair(&mut self, table: String, key: Vec<Text>, versions: Vec<(String, Text)>) -> Result<(), PairError> {
-        let k = (table, key);
+    fn pair(&mut self, table: String, key: Vec<(String, Text)>, versions: Vec<(String, Text)>) -> Result<(), PairError> {
+        let k = pair_key(table, key);
         let Some(i) = self.waiting.get_mut(&k).and_then(VecDeque::pop_front) else {
-            return Err(PairError::StrayVersions { table: k.0, key: show_key(&k.1) });
+            let values: Vec<Text> = k.1.iter().map(|(_, v)| v.clone()).collect();
+            return Err(PairError::StrayVersions { table: k.0, key: show_key(&values) });
         };
         let p = &mut self.pending[i];
         p.change.versions = versions;
@@ -199,7 +215,31 @@ impl Pairer {
     /// (with every change, for parking). Resets for the next transaction.
     pub fn finish(&mut self) -> Result<Vec<RowChange>, (PairError, Vec<RowChange>)> {
         self.waiting.clear();
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        // A key change's new row lacks the values the update did not send; the old row's
+        // tombstone (written by the same trigger call) has them.
+        for i in 0..pending.len() {
+            let Some(old) = pending[i].old_half else { continue };
+            if pending[i].change.unchanged.is_empty() {
+                continue;
+            }
+            let dead: Option<serde_json::Map<String, serde_json::Value>> = pending[old]
+                .change
+                .versions
+                .iter()
+                .find(|(k, _)| k == DEAD)
+                .and_then(|(_, v)| v.as_deref())
+                .and_then(|v| serde_json::from_str(v).ok());
+            let Some(dead) = dead else { continue };
+            let change = &mut pending[i].change;
+            for col in std::mem::take(&mut change.unchanged) {
+                match dead.get(&col) {
+                    Some(serde_json::Value::String(v)) => change.values.push((col, Some(v.clone()))),
+                    Some(serde_json::Value::Null) => change.values.push((col, None)),
+                    _ => change.unchanged.push(col),
+                }
+            }
+        }
         let missing = pending.iter().find(|p| !p.paired).map(|p| PairError::MissingVersions {
             table: p.change.qualified(),
             key: show_key(&p.change.key.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()),
@@ -281,7 +321,10 @@ fn data_change(rel: &Relation, op: RowOp, key_from: &TupleData, values_from: &Tu
 }
 
 /// A versions row: its data table (`schema.table`), key values, and every column.
-type VersionsRow = (String, Vec<Text>, Vec<(String, Text)>);
+type VersionsRow = (String, Vec<(String, Text)>, Vec<(String, Text)>);
+
+/// The tombstone-values column of a versions table.
+const DEAD: &str = "$dead";
 
 /// The data table, key and columns of a versions row.
 fn versions_row(rel: &Relation, tuple: &TupleData) -> Result<VersionsRow, PairError> {
@@ -300,7 +343,7 @@ fn versions_row(rel: &Relation, tuple: &TupleData) -> Result<VersionsRow, PairEr
             problem: "versions value not sent (unchanged TOAST)".into(),
         })?;
         if col.is_key {
-            key.push(v.clone());
+            key.push((col.name.clone(), v.clone()));
         }
         cols.push((col.name.clone(), v));
     }
@@ -415,5 +458,32 @@ mod tests {
         let out = p.finish().expect("paired");
         assert_eq!(out[0].unchanged, vec!["x".to_string()]);
         assert!(out[0].values.is_empty());
+    }
+
+    #[test]
+    fn versions_key_in_primary_key_order_still_pairs() {
+        // Table (a, b, v) with PRIMARY KEY (b, a): the versions table lists b first.
+        let mut p = Pairer::new();
+        p.relation(&rel(1, "public", "t", &[("a", true), ("b", true), ("v", false)]));
+        p.relation(&rel(2, VERSIONS_SCHEMA, "public.t", &[("b", true), ("a", true), ("v|t", false)]));
+        p.insert(&ins(1, &[Some("1"), Some("x"), Some("v")]));
+        p.insert(&ins(2, &[Some("x"), Some("1"), Some("5")]));
+        let out = p.finish().expect("paired despite the column order");
+        assert_eq!(out[0].versions[2].1.as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn key_change_takes_unsent_values_from_the_old_rows_tombstone() {
+        let mut p = Pairer::new();
+        p.relation(&rel(1, "public", "t", &[("id", true), ("x", false)]));
+        p.relation(&rel(2, VERSIONS_SCHEMA, "public.t", &[("id", true), ("$dead", false), ("x|t", false)]));
+        // UPDATE t SET id = 5 WHERE id = 1, x is TOASTed: not sent.
+        p.update(&up(1, Some(&[Some("1"), None]), &[Some("5"), Some("<u>")]));
+        p.update(&up(2, None, &[Some("1"), Some(r#"{"x": "big value"}"#), Some("7")]));
+        p.insert(&ins(2, &[Some("5"), None, Some("8")]));
+        let out = p.finish().expect("paired");
+        assert_eq!(out[1].op, RowOp::Insert);
+        assert!(out[1].unchanged.is_empty());
+        assert_eq!(out[1].values, vec![("x".to_string(), Some("big value".to_string()))]);
     }
 }

@@ -232,18 +232,39 @@ pub async fn check_two_way_node(
         let qualified = format!("{}.{}", t.schema, t.name);
         let row = client
             .query_opt(
-                "SELECT c.relkind::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                "SELECT c.relkind::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                        c.relreplident::text, \
+                        (SELECT string_agg(conname, ', ') FROM pg_constraint WHERE conrelid = c.oid AND contype IN ('p', 'u') AND condeferrable) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
                 &[&t.schema, &t.name],
             )
             .await
             .map_err(|e| DbError::new(node, format!("cannot read table {qualified}"), e))?;
         let Some(row) = row else { continue };
-        let (kind, has_pk): (String, bool) = (row.get(0), row.get(1));
+        let (kind, has_pk, identity, deferrable): (String, bool, String, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
         if kind != "r" {
             problem(
-                format!("table {qualified} is partitioned: two-way replication supports plain tables only"),
+                format!("table {qualified} is {}: two-way replication supports plain tables only", if kind == "p" { "partitioned" } else { "not a plain table" }),
                 format!("leave {qualified} out of replication.tables, or replicate it one way"),
+            );
+        }
+        if identity != "d" {
+            problem(
+                format!("table {qualified} has REPLICA IDENTITY {}: two-way replication matches rows by their primary key", match identity.as_str() {
+                    "f" => "FULL",
+                    "i" => "USING INDEX",
+                    _ => "NOTHING",
+                }),
+                format!("ALTER TABLE {qualified} REPLICA IDENTITY DEFAULT"),
+            );
+        }
+        if let Some(names) = deferrable {
+            problem(
+                format!(
+                    "table {qualified} has DEFERRABLE unique or primary-key constraints ({names}): PostgreSQL does not check them in \
+                     pgduplex's apply sessions (session_replication_role = replica), so replicated rows could break them"
+                ),
+                format!("make them NOT DEFERRABLE (ALTER TABLE {qualified} ALTER CONSTRAINT ... NOT DEFERRABLE), or replicate the table one way"),
             );
         }
         if !has_pk {
@@ -253,10 +274,10 @@ pub async fn check_two_way_node(
             );
             continue;
         }
-        for (seq, col, increment, start) in key_sequences(client, node, t).await? {
+        for (seq, col, increment, next) in key_sequences(client, node, t).await? {
             let theirs = key_sequences(other_client, other, t).await?.into_iter().find(|(_, c, _, _)| *c == col);
-            let interleaved = theirs.is_some_and(|(_, _, inc2, start2)| {
-                increment == inc2 && increment.abs() >= 2 && start.rem_euclid(increment.abs()) != start2.rem_euclid(increment.abs())
+            let interleaved = theirs.is_some_and(|(_, _, inc2, next2)| {
+                increment == inc2 && increment.abs() >= 2 && next.rem_euclid(increment.abs()) != next2.rem_euclid(increment.abs())
             });
             if !interleaved {
                 problem(
@@ -265,8 +286,9 @@ pub async fn check_two_way_node(
                          rows inserted on both nodes would get the same keys and overwrite each other"
                     ),
                     format!(
-                        "interleave the sequences so each node generates its own values, e.g. ALTER SEQUENCE {seq} INCREMENT BY 2 \
-                         RESTART WITH <an odd number above the largest key> on node {node} and <an even one> on node {other}"
+                        "run `pgduplex sequences interleave` (increment 2, one node odd, the other even, above every used value), \
+                         or by hand ALTER SEQUENCE {seq} INCREMENT BY 2 RESTART WITH <an odd number above the largest key> on node \
+                         {node} and <an even one> on node {other}"
                     ),
                 );
             }
@@ -276,7 +298,7 @@ pub async fn check_two_way_node(
 }
 
 /// Sequences feeding primary-key columns of `t` (serial or identity): (sequence, column,
-/// increment, start).
+/// increment, the next value it will hand out).
 async fn key_sequences(client: &Client, node: &str, t: &SourceTable) -> Result<Vec<(String, String, i64, i64)>, DbError> {
     let rows = client
         .query(
@@ -290,5 +312,17 @@ async fn key_sequences(client: &Client, node: &str, t: &SourceTable) -> Result<V
         )
         .await
         .map_err(|e| DbError::new(node, format!("cannot read the key sequences of {}.{}", t.schema, t.name), e))?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+    let mut out = Vec::new();
+    for r in rows {
+        let (seq, col, increment): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
+        // The sequence's own row: after RESTART WITH, pg_sequences shows no last_value and the
+        // old start_value, but the next value is last_value.
+        let next: i64 = client
+            .query_one(&format!("SELECT CASE WHEN is_called THEN last_value + {increment} ELSE last_value END FROM {seq}"), &[])
+            .await
+            .map_err(|e| DbError::new(node, format!("cannot read sequence {seq}"), e))?
+            .get(0);
+        out.push((seq, col, increment, next));
+    }
+    Ok(out)
 }
