@@ -16,6 +16,20 @@
 
 CREATE SCHEMA IF NOT EXISTS pgduplex;
 
+-- The capture triggers run as this role (SECURITY DEFINER), not as the superuser that ran
+-- init: a trigger evaluates casts and output functions of the table's column types, which a
+-- table owner may have written, and these must not run with superuser rights. It can write
+-- the versions tables and take version numbers, nothing else. (Roles are per cluster: setups
+-- in other databases share it.)
+DO $role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgduplex_capture') THEN
+        CREATE ROLE pgduplex_capture NOLOGIN;
+    END IF;
+END
+$role$;
+GRANT USAGE ON SCHEMA pgduplex TO pgduplex_capture;
+
 -- The nodes of this setup; exactly one row is this node.
 CREATE TABLE IF NOT EXISTS pgduplex.nodes (
     name text PRIMARY KEY,
@@ -31,6 +45,7 @@ ALTER TABLE pgduplex.nodes ADD COLUMN IF NOT EXISTS clock_skew_us bigint NOT NUL
 -- The node-wide version counter: one nextval per local write. No CACHE: values handed out in
 -- one session must still be below those of any later session.
 CREATE SEQUENCE IF NOT EXISTS pgduplex.version_seq AS bigint NO CYCLE;
+GRANT USAGE ON SEQUENCE pgduplex.version_seq TO pgduplex_capture;
 
 -- Tables replicated both ways, and their versions tables.
 CREATE TABLE IF NOT EXISTS pgduplex.tracked (
@@ -218,6 +233,7 @@ BEGIN
     IF to_regclass(format('pgduplex.%I', vt)) IS NULL THEN
         -- Free space on each page keeps the trigger's updates of a versions row HOT.
         EXECUTE format('CREATE TABLE pgduplex.%I (%s, "$stamp" bigint, "$dead" jsonb, PRIMARY KEY (%s)) WITH (fillfactor = 80)', vt, key_defs, key_list);
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgduplex.%I TO pgduplex_capture', vt);
     END IF;
     SELECT coalesce(array_agg(a.attname::text), '{}') INTO existing
       FROM pg_attribute a
@@ -350,6 +366,7 @@ $body$, flag_decls, changed, upd_stmt, del_stmt, ins_stmt,
 
     EXECUTE format('CREATE OR REPLACE FUNCTION pgduplex.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
                    'SET search_path = pg_catalog, pg_temp AS %L', fn, body);
+    EXECUTE format('ALTER FUNCTION pgduplex.%I() OWNER TO pgduplex_capture', fn);
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgduplex_capture') THEN
         EXECUTE format('CREATE TRIGGER pgduplex_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION pgduplex.%I()', rel, fn);

@@ -333,6 +333,20 @@ pub async fn teardown(config: &Config) -> Result<Vec<String>, SetupError> {
                 .await
                 .map_err(|e| DbError::new(tgt, "cannot drop schema pgduplex", e))?;
             lines.push(format!("node {tgt}: schema pgduplex dropped"));
+            // The capture role is per cluster and may serve other setups on it: kept, owning
+            // nothing here any more.
+            let role: Option<String> = target
+                .query_opt("SELECT rolname::text FROM pg_roles WHERE rolname = 'pgduplex_capture'", &[])
+                .await
+                .map_err(|e| DbError::new(tgt, "cannot read pg_roles", e))?
+                .map(|r| r.get(0));
+            if role.is_some() && d == &config.directions[config.directions.len() - 1] {
+                lines.push(
+                    "role pgduplex_capture (two-way capture triggers) kept: it is per cluster and owns nothing in these \
+                     databases now; DROP ROLE pgduplex_capture once no pgduplex setup uses the cluster"
+                        .into(),
+                );
+            }
         } else {
             target
                 .execute("DELETE FROM pgduplex.heartbeat WHERE source_node = $1", &[&src])
