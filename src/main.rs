@@ -43,6 +43,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every replicated table on both nodes, chunk by chunk along the primary key;
+    /// exit 0 when identical, 3 when rows differ (listed by key).
+    Verify {
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: i64,
+        /// Keys listed per table and kind of difference.
+        #[arg(long, default_value_t = 10)]
+        max_keys: usize,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sequences (not carried by logical decoding): interleave them for two-way inserts, or
     /// sync them for cutover.
     Sequences {
@@ -121,23 +134,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command {
+    runtime.block_on(async move {
+        let result = match cli.command {
             Command::Init { dry_run } => init(config, dry_run).await,
             Command::Run => run(config).await,
             Command::Teardown => teardown(config).await,
             Command::Status { json } => status(config, json).await,
+            Command::Verify { chunk_rows, max_keys, json } => return verify(config, chunk_rows, max_keys, json).await,
             Command::Sequences { action } => sequences(config, action).await,
             Command::Resolve { action } => resolve(config, action.unwrap_or(ResolveAction::List { json: false })).await,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 async fn init(config: Config, dry_run: bool) -> anyhow::Result<()> {
@@ -181,6 +195,44 @@ async fn sequences(config: Config, action: SequencesAction) -> anyhow::Result<()
         println!("{line}");
     }
     Ok(())
+}
+
+/// Exit code of `verify` when the nodes differ (1 stays "could not run").
+const EXIT_DIFFERENT: u8 = 3;
+
+async fn verify(config: Config, chunk_rows: i64, max_keys: usize, json: bool) -> ExitCode {
+    let opts = setup::verify::VerifyOptions { chunk_rows: chunk_rows.max(1), max_keys, ..Default::default() };
+    let names: Vec<String> = config.nodes.keys().map(|n| n.to_string()).collect();
+    let reports = match setup::verify::verify(&config, &opts, |line| if !json { println!("{line}") }).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
+    } else {
+        for r in reports.iter().filter(|r| !r.identical()) {
+            for (what, keys, count) in [
+                ("rows differ", &r.changed, r.changed_count),
+                (&*format!("only on {}", names[0]), &r.only_first, r.only_first_count),
+                (&*format!("only on {}", names[1]), &r.only_second, r.only_second_count),
+            ] {
+                if count > 0 {
+                    println!("  {}: {count} {what}: {}{}", r.table, keys.join(" "), if count as usize > keys.len() { " ..." } else { "" });
+                }
+            }
+        }
+    }
+    if reports.iter().all(|r| r.identical()) {
+        if !json {
+            println!("all {} table(s) identical", reports.len());
+        }
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIFFERENT)
+    }
 }
 
 async fn status(config: Config, json: bool) -> anyhow::Result<()> {

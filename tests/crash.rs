@@ -26,6 +26,16 @@ COMMIT;
 /// xorshift64*: a tiny seeded generator so a failing run can be replayed from its seed.
 struct Rng(u64);
 impl Rng {
+    /// Seeded from PGDUPLEX_TEST_SEED, or the clock; the seed is printed for a replay.
+    fn seeded(test: &str) -> Rng {
+        let seed = std::env::var("PGDUPLEX_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1);
+        eprintln!("{test} seed: {seed} (replay with PGDUPLEX_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
     fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -36,12 +46,7 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_load_applies_every_transaction_once() {
-    let seed = std::env::var("PGDUPLEX_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1);
-    eprintln!("crash test seed: {seed} (replay with PGDUPLEX_TEST_SEED={seed})");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded("crash test");
 
     let source_cluster = shared_cluster(PgVersion::V15);
     let source = Node::fresh(source_cluster, "csrc").await;
@@ -113,12 +118,7 @@ CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, touched_by t
 /// other exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_way_sigkill_during_load_on_both_nodes() {
-    let seed = std::env::var("PGDUPLEX_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1);
-    eprintln!("two-way crash test seed: {seed} (replay with PGDUPLEX_TEST_SEED={seed})");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded("two-way crash test");
 
     let (ca, cb) = (shared_cluster(PgVersion::V15), shared_cluster(PgVersion::V18));
     let a = Node::fresh(ca, "xa").await;

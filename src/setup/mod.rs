@@ -5,6 +5,7 @@ mod checks;
 pub mod resolve;
 pub mod sequences;
 pub mod status;
+pub mod verify;
 
 use std::fmt;
 

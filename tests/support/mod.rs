@@ -185,20 +185,13 @@ impl ClusterOptions {
 /// Polls `f` every 50 ms until it returns true; panics with
 /// "timed out after {timeout:?} waiting for {what}" at the deadline. The way to wait for anything
 /// asynchronous in a test: a sleep is a guess, a condition with a deadline is a proof.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f().await {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
+    if !poll_async(timeout, f).await {
+        panic!("timed out after {timeout:?} waiting for {what}");
     }
 }
 
