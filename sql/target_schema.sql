@@ -10,3 +10,12 @@ CREATE TABLE IF NOT EXISTS pgduplex.heartbeat (
     lsn pg_lsn NOT NULL,
     at timestamptz NOT NULL
 );
+
+-- An initial copy into this node (`pgduplex init --copy-from`): started, and finished once every
+-- table is in and the origin is at the snapshot's consistent point. An unfinished row lets a
+-- re-run of init start the copy over (the tables it copied into are emptied first).
+CREATE TABLE IF NOT EXISTS pgduplex.copy_state (
+    source_node text PRIMARY KEY,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz
+);

@@ -31,6 +31,13 @@ enum Command {
         /// Only check and report what would be created; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Copy every replicated table from this node into the other one (which must be
+        /// empty), from the snapshot the replication slot starts at.
+        #[arg(long, value_name = "NODE")]
+        copy_from: Option<String>,
+        /// Tables copied at a time.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
     },
     /// Stream changes until SIGINT/SIGTERM; serves /metrics and /healthz.
     Run,
@@ -136,7 +143,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let result = match cli.command {
-            Command::Init { dry_run } => init(config, dry_run).await,
+            Command::Init { dry_run, copy_from, jobs } => init(config, dry_run, copy_from, jobs).await,
             Command::Run => run(config).await,
             Command::Teardown => teardown(config).await,
             Command::Status { json } => status(config, json).await,
@@ -154,8 +161,20 @@ fn main() -> ExitCode {
     })
 }
 
-async fn init(config: Config, dry_run: bool) -> anyhow::Result<()> {
-    let report = setup::init(&config, dry_run).await?;
+async fn init(config: Config, dry_run: bool, copy_from: Option<String>, jobs: usize) -> anyhow::Result<()> {
+    let copy_from = match copy_from {
+        None => None,
+        Some(name) => Some(
+            config
+                .nodes
+                .keys()
+                .find(|n| n.as_str() == name)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("--copy-from {name}: not a node of the config"))?,
+        ),
+    };
+    let opts = setup::InitOptions { dry_run, copy_from, jobs: jobs.max(1) };
+    let report = setup::init(&config, &opts).await?;
     for line in report.lines {
         println!("{line}");
     }

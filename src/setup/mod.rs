@@ -2,6 +2,7 @@
 //! replication needs (publication, slot, origin, the `pgduplex` schema).
 
 mod checks;
+pub mod copy;
 pub mod resolve;
 pub mod sequences;
 pub mod status;
@@ -55,10 +56,22 @@ pub struct InitReport {
     pub lines: Vec<String>,
 }
 
+/// What `init` is asked to do beyond checking and installing.
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    /// Only check and report what would be created.
+    pub dry_run: bool,
+    /// Copy every replicated table from this node into the other (which must be empty).
+    pub copy_from: Option<crate::config::NodeName>,
+    /// Tables copied at a time.
+    pub jobs: usize,
+}
+
 /// Checks every prerequisite of every direction, reports all problems at once, and only then
-/// creates publications, slots, origins and the `pgduplex` schema. Safe to run again. With
-/// `dry_run`, only checks and says what it would create.
-pub async fn init(config: &Config, dry_run: bool) -> Result<InitReport, SetupError> {
+/// creates publications, slots, origins and the `pgduplex` schema, and copies the tables when
+/// asked to. Safe to run again; re-running after an interrupted copy starts the copy over.
+pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, SetupError> {
+    let dry_run = opts.dry_run;
     let mut report = InitReport::default();
     let mut problems = Vec::new();
     let mut plans = Vec::new();
@@ -72,6 +85,27 @@ pub async fn init(config: &Config, dry_run: bool) -> Result<InitReport, SetupErr
     if config.two_way() {
         for (d, source, target, tables) in &plans {
             problems.append(&mut check_two_way_node(d.source.as_str(), source, d.target.as_str(), target, tables).await?);
+        }
+    }
+    // The initial copy: which direction, and whether an earlier one was interrupted.
+    let mut copy_restart = false;
+    if let Some(from) = &opts.copy_from {
+        let Some((d, _, target, tables)) = plans.iter().find(|(d, ..)| &d.source == from) else {
+            return Err(SetupError::Usage(format!(
+                "--copy-from {from}: replication runs {}; copy from the source node",
+                config.directions.iter().map(|d| d.label()).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        copy_restart = copy::unfinished_copy(target, d.target.as_str(), d.source.as_str()).await?;
+        if !copy_restart {
+            let full = copy::non_empty_tables(target, d.target.as_str(), tables).await?;
+            if !full.is_empty() {
+                problems.push(Problem {
+                    node: d.target.to_string(),
+                    what: format!("table(s) {} already hold rows; the node copied into must be empty", full.join(", ")),
+                    fix: format!("empty them on node {} (or run init without --copy-from if both nodes already hold the same rows)", d.target),
+                });
+            }
         }
     }
     if !problems.is_empty() {
@@ -96,6 +130,15 @@ pub async fn init(config: &Config, dry_run: bool) -> Result<InitReport, SetupErr
                 d.slot_name()
             ));
             report.lines.push(format!("  node {}: create replication origin {}", d.target, d.origin_name()));
+            if opts.copy_from.as_ref() == Some(&d.source) {
+                report.lines.push(format!(
+                    "  copy {} table(s) from node {} into node {}{}",
+                    tables.len(),
+                    d.source,
+                    d.target,
+                    if copy_restart { " (starting an interrupted copy over)" } else { "" }
+                ));
+            }
         }
         return Ok(report);
     }
@@ -105,9 +148,34 @@ pub async fn init(config: &Config, dry_run: bool) -> Result<InitReport, SetupErr
             install_two_way_node(config, d.source.as_str(), source, tables, &mut report).await?;
         }
     }
+    // The copied direction first: the other one's slot must come after the copy, or the copied
+    // rows would be decoded as the target's own writes.
+    let mut plans = plans;
+    plans.sort_by_key(|(d, ..)| opts.copy_from.as_ref() != Some(&d.source));
     for (d, source, target, tables) in plans {
         report_foreign_replication(&d, &source, &mut report).await?;
-        install_direction(&d, &source, &target, &tables, config.two_way(), &mut report).await?;
+        let copying = opts.copy_from.as_ref() == Some(&d.source);
+        if copying && copy_restart {
+            copy::reset_interrupted(&d, &source, &target, &tables, config.two_way()).await?;
+            report.lines.push(format!("node {}: an interrupted copy was found: its tables were emptied to start over", d.target));
+        }
+        install_direction(&d, &source, &target, &tables, config.two_way(), !copying, &mut report).await?;
+        if copying {
+            let r = copy::copy(config, &d, &tables, opts.jobs).await?;
+            let (rows, bytes): (u64, u64) = r.tables.iter().fold((0, 0), |(r0, b0), (_, r, b)| (r0 + r, b0 + b));
+            let secs = r.elapsed.as_secs_f64().max(0.001);
+            report.lines.push(format!(
+                "node {} -> node {}: copied {} table(s), {rows} rows, {:.1} MB in {:.1} s ({:.0} rows/s, {:.1} MB/s); streaming starts at {}",
+                d.source,
+                d.target,
+                r.tables.len(),
+                bytes as f64 / 1e6,
+                secs,
+                rows as f64 / secs,
+                bytes as f64 / 1e6 / secs,
+                r.consistent_point
+            ));
+        }
     }
     Ok(report)
 }
@@ -180,6 +248,7 @@ async fn install_direction(
     target: &Client,
     tables: &[SourceTable],
     two_way: bool,
+    create_slot: bool,
     report: &mut InitReport,
 ) -> Result<(), SetupError> {
     let (src, tgt) = (d.source.as_str(), d.target.as_str());
@@ -214,6 +283,10 @@ async fn install_direction(
         tables.len()
     ));
 
+    if !create_slot {
+        // The initial copy creates the slot (with its snapshot) and the origin.
+        return Ok(());
+    }
     let origin = d.origin_name();
     if !origin_exists(target, tgt, &origin).await? {
         target
