@@ -97,6 +97,10 @@ CREATE INDEX IF NOT EXISTS parked_key ON pgduplex.parked (table_name, key);
 CREATE OR REPLACE FUNCTION pgduplex.refuse_truncate() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
+    -- pgduplex's own sessions (starting an interrupted initial copy over) may.
+    IF current_setting('pgduplex.apply', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     RAISE EXCEPTION 'TRUNCATE of %.% is not allowed while pgduplex replicates it both ways', TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING HINT = 'Use DELETE (it is replicated), or remove the table from two-way replication first.',
               ERRCODE = 'feature_not_supported';

@@ -224,7 +224,8 @@ const COPY_SCHEMA: &str = "
 CREATE TABLE big (id bigint PRIMARY KEY, v text, n int);
 CREATE TABLE kinds (id int PRIMARY KEY, j jsonb, a int[], t timestamptz, b bytea, g int GENERATED ALWAYS AS (id * 2) STORED);
 CREATE TABLE ident (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
-CREATE TABLE composite (a text, b int, v text, PRIMARY KEY (b, a));
+CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 100);
+CREATE TABLE composite (a text, b int, v short_text, PRIMARY KEY (b, a));
 CREATE TABLE empty_one (id int PRIMARY KEY);";
 
 const COPY_DATA: &str = "

@@ -36,6 +36,12 @@ struct CopyItem {
     display: String,
     sql_name: String,
     columns: Vec<String>,
+    /// A partitioned table: read without ONLY (its rows live in the partitions).
+    partitioned: bool,
+    /// Every column has a built-in type: copy in binary format (no text output and parsing;
+    /// the measured difference is ~1.4x). User types are copied as text: their binary form
+    /// carries type OIDs that differ between clusters (arrays, composites).
+    binary: bool,
     /// Estimated size on the source, for the ETA.
     bytes_estimate: i64,
 }
@@ -47,6 +53,9 @@ pub struct CopyReport {
     pub tables: Vec<(String, u64, u64)>,
     pub elapsed: Duration,
 }
+
+/// Rows are handed to the target's COPY in buffers of about this size.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Progress shared by the workers.
 #[derive(Default)]
@@ -123,14 +132,6 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
     let started = Instant::now();
     let source = db::connect(source_cfg, "pgduplex copy").await?;
     let target = db::connect(target_cfg, "pgduplex copy").await?;
-    target
-        .execute(
-            "INSERT INTO pgduplex.copy_state (source_node, started_at) VALUES ($1, now()) \
-             ON CONFLICT (source_node) DO UPDATE SET started_at = now(), finished_at = NULL",
-            &[&src],
-        )
-        .await
-        .map_err(|e| DbError::new(tgt, "cannot record the copy in pgduplex.copy_state", e))?;
 
     let mut items = Vec::new();
     for t in tables {
@@ -139,7 +140,8 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
             items.push(item(&source, src, &target, tgt, "pgduplex", &format!("{}.{}", t.schema, t.name)).await?);
         }
     }
-    items.sort_by_key(|i| std::cmp::Reverse(i.bytes_estimate));
+    // Workers pop from the end: largest tables first, so the longest copy starts first.
+    items.sort_by_key(|i| i.bytes_estimate);
     let total_estimate: i64 = items.iter().map(|i| i.bytes_estimate).sum();
 
     // The slot, and the snapshot its creation exports (valid while this connection stays idle).
@@ -148,10 +150,22 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
     params.tls_mode = source_cfg.tls.mode;
     params.tls_config = source_cfg.tls_config.clone();
     let mut repl = ReplicationClient::connect(&params).await.map_err(|e| SetupError::Usage(format!("node {src}: {e}")))?;
-    let slot = repl
-        .create_logical_slot(&d.slot_name(), false, SnapshotAction::Export)
+    let slot = repl.create_logical_slot(&d.slot_name(), false, SnapshotAction::Export).await.map_err(|e| {
+        SetupError::Usage(format!(
+            "node {src}: cannot create replication slot {} for the copy: {e} (if it is left from an earlier init, run `pgduplex teardown` first)",
+            d.slot_name()
+        ))
+    })?;
+    // From here on a re-run of init starts the copy over: the slot exists and the tables may
+    // hold part of the copy.
+    target
+        .execute(
+            "INSERT INTO pgduplex.copy_state (source_node, started_at) VALUES ($1, now()) \
+             ON CONFLICT (source_node) DO UPDATE SET started_at = now(), finished_at = NULL",
+            &[&src],
+        )
         .await
-        .map_err(|e| SetupError::Usage(format!("node {src}: cannot create replication slot {}: {e}", d.slot_name())))?;
+        .map_err(|e| DbError::new(tgt, "cannot record the copy in pgduplex.copy_state", e))?;
     let snapshot = slot
         .snapshot_name
         .clone()
@@ -205,8 +219,13 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
             joined = workers.join_next() => match joined {
                 None => break,
                 Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => return Err(e),
-                Some(Err(e)) => return Err(SetupError::Usage(format!("a copy worker failed: {e}"))),
+                Some(Ok(Err(e))) => {
+                    return Err(SetupError::Usage(format!(
+                        "{e}\nthe copy stopped; replication slot {} on node {src} now retains WAL: run `pgduplex init --copy-from {src}` again to start the copy over, or `pgduplex teardown`",
+                        d.slot_name()
+                    )));
+                }
+                Some(Err(e)) => return Err(SetupError::Usage(format!("a copy worker failed: {e}; rerun `pgduplex init --copy-from {src}`"))),
             },
             _ = tick.tick() => {
                 let (rows, bytes, line) = snapshot_progress(&progress);
@@ -269,32 +288,47 @@ fn snapshot_progress(progress: &Mutex<Progress>) -> (u64, u64, String) {
 }
 
 async fn item(source: &Client, src: &str, target: &Client, tgt: &str, schema: &str, table: &str) -> Result<CopyItem, SetupError> {
-    let sql = "SELECT a.attname::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+    let sql = "SELECT a.attname::text, a.atttypid < 16384 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
                JOIN pg_namespace n ON n.oid = c.relnamespace \
                WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
                ORDER BY a.attnum";
     let display = format!("{schema}.{table}");
-    let ours: Vec<String> = source
+    let ours: Vec<(String, bool)> = source
         .query(sql, &[&schema, &table])
         .await
         .map_err(|e| DbError::new(src, format!("cannot read the columns of {display}"), e))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let theirs: Vec<String> = target
+    let theirs: Vec<(String, bool)> = target
         .query(sql, &[&schema, &table])
         .await
         .map_err(|e| DbError::new(tgt, format!("cannot read the columns of {display}"), e))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
+    let common: Vec<(String, bool)> =
+        ours.into_iter().filter_map(|(c, b)| theirs.iter().find(|(t, _)| *t == c).map(|(_, tb)| (c, b && *tb))).collect();
+    let binary = common.iter().all(|(_, b)| *b);
     let sql_name = format!("{}.{}", quote_ident(schema), quote_ident(table));
-    let bytes_estimate: i64 = source
-        .query_one("SELECT pg_table_size($1::text::regclass)", &[&sql_name])
+    let row = source
+        .query_one(
+            "SELECT coalesce(sum(pg_table_size(relid)), 0)::bigint, \
+                    (SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass) \
+             FROM pg_partition_tree($1::text::regclass)",
+            &[&sql_name],
+        )
         .await
-        .map_err(|e| DbError::new(src, format!("cannot read the size of {display}"), e))?
-        .get(0);
-    Ok(CopyItem { columns: ours.into_iter().filter(|c| theirs.contains(c)).collect(), display, sql_name, bytes_estimate })
+        .map_err(|e| DbError::new(src, format!("cannot read the size of {display}"), e))?;
+    let (bytes_estimate, partitioned): (i64, Option<bool>) = (row.get(0), row.get(1));
+    Ok(CopyItem {
+        columns: common.into_iter().map(|(c, _)| c).collect(),
+        binary,
+        display,
+        sql_name,
+        bytes_estimate,
+        partitioned: partitioned.unwrap_or(false),
+    })
 }
 
 /// Streams one table: source COPY TO STDOUT into target COPY FROM STDIN, in one target
@@ -309,37 +343,60 @@ async fn copy_table(
     progress: &Mutex<Progress>,
 ) -> Result<(), SetupError> {
     let cols = item.columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let format = if item.binary { " (FORMAT binary)" } else { "" };
     target.batch_execute("BEGIN").await.map_err(|e| DbError::new(tgt, "cannot begin the copy of a table", e))?;
     let out = source
-        .copy_out(&format!("COPY (SELECT {cols} FROM ONLY {}) TO STDOUT", item.sql_name))
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {}{}) TO STDOUT{format}",
+            if item.partitioned { "" } else { "ONLY " },
+            item.sql_name
+        ))
         .await
         .map_err(|e| DbError::new(src, format!("cannot read {}", item.display), e))?;
     let sink = target
-        .copy_in::<_, Bytes>(&format!("COPY {} ({cols}) FROM STDIN", item.sql_name))
+        .copy_in::<_, Bytes>(&format!("COPY {} ({cols}) FROM STDIN{format}", item.sql_name))
         .await
         .map_err(|e| DbError::new(tgt, format!("cannot copy into {}", item.display), e))?;
     futures_util::pin_mut!(out);
     futures_util::pin_mut!(sink);
+    // The source sends one CopyData message per row: pass them on in ~256 kB buffers, and
+    // count progress per buffer, not per row.
     let mut rows_seen = 0u64;
-    while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(|e| DbError::new(src, format!("cannot read {}", item.display), e))?;
-        let (n, len) = (chunk.iter().filter(|b| **b == b'\n').count() as u64, chunk.len() as u64);
-        sink.send(chunk).await.map_err(|e| DbError::new(tgt, format!("cannot copy into {}", item.display), e))?;
-        rows_seen += n;
-        if let Ok(mut p) = progress.lock() {
-            p.rows += n;
-            p.bytes += len;
-            p.tables[index].1 += n;
-            p.tables[index].2 += len;
+    let mut buf = bytes::BytesMut::with_capacity(COPY_BUFFER_BYTES + 8192);
+    let mut buffered_rows = 0u64;
+    loop {
+        let chunk = match out.next().await {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => return Err(DbError::new(src, format!("cannot read {}", item.display), e).into()),
+            None => None,
+        };
+        if let Some(chunk) = &chunk {
+            // One CopyData message is one row, in both formats.
+            buffered_rows += 1;
+            buf.extend_from_slice(chunk);
+        }
+        if buf.len() >= COPY_BUFFER_BYTES || (chunk.is_none() && !buf.is_empty()) {
+            let len = buf.len() as u64;
+            sink.send(buf.split().freeze()).await.map_err(|e| DbError::new(tgt, format!("cannot copy into {}", item.display), e))?;
+            rows_seen += buffered_rows;
+            if let Ok(mut p) = progress.lock() {
+                p.rows += buffered_rows;
+                p.bytes += len;
+                p.tables[index].1 += buffered_rows;
+                p.tables[index].2 += len;
+            }
+            buffered_rows = 0;
+        }
+        if chunk.is_none() {
+            break;
         }
     }
     let rows = sink.finish().await.map_err(|e| DbError::new(tgt, format!("cannot copy into {}", item.display), e))?;
     target.batch_execute("COMMIT").await.map_err(|e| DbError::new(tgt, format!("cannot commit the copy of {}", item.display), e))?;
     if let Ok(mut p) = progress.lock() {
         p.tables[index].3 = true;
-        // Newlines inside quoted values do not exist in COPY text format, but keep the
-        // server's count as the truth.
-        p.rows = p.rows + rows - rows_seen;
+        // The binary format adds a header and a trailer message: the server's count is the truth.
+        p.rows = (p.rows + rows).saturating_sub(rows_seen);
         p.tables[index].1 = rows;
     }
     tracing::info!(table = %item.display, rows, "copied");

@@ -87,6 +87,16 @@ pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, Set
             problems.append(&mut check_two_way_node(d.source.as_str(), source, d.target.as_str(), target, tables).await?);
         }
     }
+    // An interrupted copy leaves its tables half full: only init --copy-from may go on.
+    for (d, _, target, _) in &plans {
+        if opts.copy_from.as_ref() != Some(&d.source) && copy::unfinished_copy(target, d.target.as_str(), d.source.as_str()).await? {
+            problems.push(Problem {
+                node: d.target.to_string(),
+                what: format!("an initial copy from node {} was interrupted; its tables hold part of the copy", d.source),
+                fix: format!("run `pgduplex init --copy-from {}` again to start it over, or `pgduplex teardown`", d.source),
+            });
+        }
+    }
     // The initial copy: which direction, and whether an earlier one was interrupted.
     let mut copy_restart = false;
     if let Some(from) = &opts.copy_from {
@@ -97,6 +107,24 @@ pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, Set
             )));
         };
         copy_restart = copy::unfinished_copy(target, d.target.as_str(), d.source.as_str()).await?;
+        // Two-way, the other direction's slot must be created after the copy, or the copied
+        // rows would be decoded as that node's own writes and sent back.
+        let reverse = Direction { source: d.target.clone(), target: d.source.clone() };
+        let reverse_slot = reverse.slot_name();
+        let (_, reverse_source, ..) = plans.iter().find(|(p, ..)| *p == reverse).unwrap_or(&plans[0]);
+        if config.two_way()
+            && reverse_source
+                .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&reverse_slot])
+                .await
+                .map_err(|e| DbError::new(d.target.as_str(), "cannot read pg_replication_slots", e))?
+                .is_some()
+        {
+            problems.push(Problem {
+                node: d.target.to_string(),
+                what: format!("replication slot {reverse_slot} already exists: it would send the copied rows back to node {}", d.source),
+                fix: "run `pgduplex teardown`, then `pgduplex init --copy-from` on empty tables".into(),
+            });
+        }
         if !copy_restart {
             let full = copy::non_empty_tables(target, d.target.as_str(), tables).await?;
             if !full.is_empty() {

@@ -67,12 +67,20 @@ struct Plan {
     display: String,
     from: String,
     keys: Vec<(String, String)>,
+    /// Per key column: compare it under COLLATE "C" (text keys, when the nodes' collations
+    /// differ: chunk bounds taken on one node must order the same way on the other).
+    collate_c: Vec<bool>,
     columns: Vec<String>,
 }
 
 impl Plan {
     fn key_list(&self) -> String {
-        self.keys.iter().map(|(k, _)| quote_ident(k)).collect::<Vec<_>>().join(", ")
+        self.keys
+            .iter()
+            .zip(&self.collate_c)
+            .map(|((k, _), c)| if *c { format!("{} COLLATE \"C\"", quote_ident(k)) } else { quote_ident(k) })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
     /// `(k1, k2) > ($n::t1, $n+1::t2)` style bound on the key, parameters from `offset`.
     fn bound(&self, op: &str, offset: usize) -> String {
@@ -93,7 +101,8 @@ type Key = Vec<Option<String>>;
 
 /// The session settings that make both nodes print values alike.
 const SESSION: &str = "SET TimeZone = 'UTC'; SET DateStyle = ISO; SET IntervalStyle = postgres; \
-    SET extra_float_digits = 3; SET bytea_output = 'hex'; SET statement_timeout = 0";
+    SET extra_float_digits = 3; SET bytea_output = 'hex'; SET statement_timeout = 0; SET lc_monetary = 'C'; \
+    SET search_path = pg_catalog";
 
 /// Compares every replicated table (and, two-way, its versions table). `progress` gets a line
 /// per table.
@@ -106,7 +115,26 @@ pub async fn verify(config: &Config, opts: &VerifyOptions, mut progress: impl Fn
         c.batch_execute(SESSION).await.map_err(|e| DbError::new(n.as_str(), "cannot set up the verify session", e))?;
     }
     let mut reports = Vec::new();
-    for plan in plans(config, first, &a, second, &b).await? {
+    // Text keys are ordered by collation: chunk bounds taken on the first node only cut the
+    // second node's rows the same way if both order them alike.
+    let collation = "SELECT datcollate || '/' || coalesce(datcollversion, '') FROM pg_database WHERE datname = current_database()";
+    let collation_15 = "SELECT datcollate::text FROM pg_database WHERE datname = current_database()";
+    let read_collation = async |c: &Client| match c.query_one(collation, &[]).await {
+        Ok(r) => Ok(r.get::<_, String>(0)),
+        Err(_) => c.query_one(collation_15, &[]).await.map(|r| r.get::<_, String>(0)),
+    };
+    let ca = read_collation(&a).await.map_err(|e| DbError::new(first.as_str(), "cannot read the database collation", e))?;
+    let cb = read_collation(&b).await.map_err(|e| DbError::new(second.as_str(), "cannot read the database collation", e))?;
+    let same_collation = ca == cb || (ca.starts_with("C/") || ca == "C" || ca.starts_with("POSIX")) && (cb.starts_with("C/") || cb == "C" || cb.starts_with("POSIX"));
+    if !same_collation {
+        progress(&format!(
+            "the nodes' collations differ ({first}: {ca}, {second}: {cb}): text keys are compared under COLLATE \"C\" (slower: the key indexes are not used for ordering)"
+        ));
+    }
+    for mut plan in plans(config, first, &a, second, &b).await? {
+        if same_collation {
+            plan.collate_c.iter_mut().for_each(|c| *c = false);
+        }
         let report = compare_table(&plan, first, &a, second, &b, opts).await?;
         progress(&if report.identical() {
             format!("{}: identical ({} rows, {} chunks)", report.table, report.rows, report.chunks)
@@ -148,6 +176,7 @@ async fn plans(config: &Config, first: &NodeName, a: &Client, second: &NodeName,
 async fn plan_for(schema: &str, table: &str, first: &NodeName, a: &Client, second: &NodeName, b: &Client) -> Result<Plan, SetupError> {
     let display = format!("{schema}.{table}");
     let cols_sql = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    a.attcollation <> 0, \
                     coalesce((SELECT k.ord FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
                               WHERE i.indrelid = c.oid AND i.indisprimary AND k.attnum = a.attnum), 0) \
                     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -161,10 +190,10 @@ async fn plan_for(schema: &str, table: &str, first: &NodeName, a: &Client, secon
     if rb.is_empty() {
         return Err(SetupError::Usage(format!("table {display} exists on node {first} but not on node {second}")));
     }
-    let mut keys: Vec<(i64, String, String)> = ra
+    let mut keys: Vec<(i64, String, String, bool)> = ra
         .iter()
-        .filter(|r| r.get::<_, i64>(2) > 0)
-        .map(|r| (r.get::<_, i64>(2), r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|r| r.get::<_, i64>(3) > 0)
+        .map(|r| (r.get::<_, i64>(3), r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, bool>(2)))
         .collect();
     keys.sort();
     if keys.is_empty() {
@@ -175,7 +204,8 @@ async fn plan_for(schema: &str, table: &str, first: &NodeName, a: &Client, secon
     Ok(Plan {
         from: format!("{}.{}", quote_ident(schema), quote_ident(table)),
         display,
-        keys: keys.into_iter().map(|(_, k, t)| (k, t)).collect(),
+        collate_c: keys.iter().map(|(_, _, _, c)| *c).collect(),
+        keys: keys.into_iter().map(|(_, k, t, _)| (k, t)).collect(),
         columns,
     })
 }
@@ -218,7 +248,8 @@ async fn compare_table(
         .map_err(|e| DbError::new(first.as_str(), format!("cannot read the keys of {}", plan.display), e))?;
         let hi: Option<Key> = next.map(|r| r.get(0));
         report.chunks += 1;
-        let mut diff = None;
+        // Only rows that differ on every attempt are reported: a row in flight differs once.
+        let mut diff: Option<Diff> = None;
         for attempt in 0..opts.attempts.max(1) {
             if attempt > 0 {
                 tokio::time::sleep(opts.retry_pause).await;
@@ -234,7 +265,21 @@ async fn compare_table(
                 diff = None;
                 break;
             }
-            diff = Some(chunk_diff(plan, a, first, b, second, lo.as_ref(), hi.as_ref()).await?);
+            let now = chunk_diff(plan, a, first, b, second, lo.as_ref(), hi.as_ref()).await?;
+            diff = Some(match diff {
+                None => now,
+                Some((c, x, y)) => {
+                    let keep = |old: Vec<Key>, new: &Vec<Key>| {
+                        let new: std::collections::HashSet<&Key> = new.iter().collect();
+                        old.into_iter().filter(|k| new.contains(k)).collect::<Vec<_>>()
+                    };
+                    (keep(c, &now.0), keep(x, &now.1), keep(y, &now.2))
+                }
+            });
+            if diff.as_ref().is_some_and(|(c, x, y)| c.is_empty() && x.is_empty() && y.is_empty()) {
+                diff = None;
+                break;
+            }
         }
         if let Some((changed, only_a, only_b)) = diff {
             let show = |k: &Key| format!("({})", k.iter().map(|v| v.clone().unwrap_or_else(|| "NULL".into())).collect::<Vec<_>>().join(", "));
