@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;

@@ -26,6 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Two throwaway local clusters replicated both ways under a write load, with a live
+    /// summary; stopped and removed at the end (Ctrl-C). Needs no config file.
+    Demo {
+        /// Stop by itself after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Check prerequisites on both nodes, then create publication, slot, origin and schema.
     Init {
         /// Only check and report what would be created; change nothing.
@@ -119,12 +126,29 @@ struct Selection {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own summary; its log shows only what went wrong.
+    let default_log = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info,tokio_postgres=warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGDUPLEX_LOG").unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PGDUPLEX_LOG").unwrap_or_else(|_| default_log.into()))
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Demo { seconds } = cli.command {
+        // The demo makes its own clusters and config; it logs only warnings over its summary.
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match runtime.block_on(pgduplex::demo::demo(seconds)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -143,6 +167,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let result = match cli.command {
+            Command::Demo { .. } => unreachable!("handled before the config is loaded"),
             Command::Init { dry_run, copy_from, jobs } => init(config, dry_run, copy_from, jobs).await,
             Command::Run => run(config).await,
             Command::Teardown => teardown(config).await,
