@@ -138,6 +138,12 @@ async fn sequences_interleave_keeps_two_way_inserts_apart() {
     // Running it again changes nothing.
     let again = command_ok(&setup, &["sequences", "interleave"]);
     assert!(again.contains("already interleaved"), "{again}");
+    // sync keeps an interleaved sequence on its own node's values.
+    let b_parity = count(&b, &format!("SELECT min(id % 2)::bigint FROM items WHERE who = '{}'", b.name)).await;
+    command_ok(&setup, &["sequences", "sync", "--from", &a.name]);
+    let next = count(&b, "SELECT nextval('items_id_seq')").await;
+    assert_eq!(next % 2, b_parity, "still node b's parity after sync");
+    assert!(next > count(&a, "SELECT max(id)::bigint FROM items").await, "past every key");
     setup.teardown();
 }
 

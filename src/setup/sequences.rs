@@ -148,7 +148,13 @@ pub async fn sync(config: &Config, from: &NodeName, to: &NodeName) -> Result<Vec
         };
         // Past every value the source handed out and every key either side holds (the target's
         // rows came from the source with their keys, without moving its sequence).
-        let wanted = s.last.unwrap_or(0).max(s.column_max.unwrap_or(0)).max(t.column_max.unwrap_or(0));
+        let mut wanted = s.last.unwrap_or(0).max(s.column_max.unwrap_or(0)).max(t.column_max.unwrap_or(0));
+        // An interleaved sequence keeps its own remainder (its node's odd or even values).
+        let step = t.increment.abs();
+        if step >= 2 {
+            let remainder = t.last.unwrap_or(t.start).rem_euclid(step);
+            wanted += (remainder - wanted.rem_euclid(step)).rem_euclid(step);
+        }
         let current = t.last.unwrap_or(0);
         if wanted <= current {
             lines.push(format!("node {to}: sequence {} already at {current}, past node {from}'s {wanted}", s.name));
