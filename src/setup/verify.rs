@@ -131,7 +131,12 @@ pub async fn verify(config: &Config, opts: &VerifyOptions, mut progress: impl Fn
             "the nodes' collations differ ({first}: {ca}, {second}: {cb}): text keys are compared under COLLATE \"C\" (slower: the key indexes are not used for ordering)"
         ));
     }
-    for mut plan in plans(config, first, &a, second, &b).await? {
+    let plans = plans(config, first, &a, second, &b).await?;
+    if plans.is_empty() {
+        let globs: Vec<&str> = config.tables.iter().map(|p| p.as_str()).collect();
+        return Err(SetupError::Usage(format!("replication.tables {globs:?} matches no table on node {first}: nothing to verify")));
+    }
+    for mut plan in plans {
         if same_collation {
             plan.collate_c.iter_mut().for_each(|c| *c = false);
         }
