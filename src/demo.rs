@@ -207,12 +207,7 @@ pub async fn demo(seconds: Option<u64>) -> Result<(), DemoError> {
                     parts.push(format!("{l}: {} txn/s, lag {lag:.1} s", applied - last[i]));
                     last[i] = applied;
                 }
-                let conflicts: f64 = metrics
-                    .render()
-                    .lines()
-                    .filter(|l| l.starts_with(crate::metrics::CONFLICTS) && l[crate::metrics::CONFLICTS.len()..].starts_with('{'))
-                    .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-                    .sum();
+                let conflicts = Metrics::sum_samples(&metrics.render(), crate::metrics::CONFLICTS);
                 let line = format!("[{:>3} s] {} | conflicts resolved: {}", started.elapsed().as_secs(), parts.join(" | "), conflicts as u64);
                 if interactive {
                     print!("\r\x1b[2K{line}");

@@ -126,6 +126,15 @@ impl Metrics {
         self.parked_changes.with_label_values(&l);
     }
 
+    /// The sum of every sample of the labelled metric `name` in Prometheus text `text` (e.g.
+    /// all `pgduplex_conflicts_total{...}` series), for summaries.
+    pub fn sum_samples(text: &str, name: &str) -> f64 {
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     /// The registry in Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -56,20 +56,23 @@ struct TwoWayTable {
     read_versions: Statement,
 }
 
+/// `"k1" = $<offset+1> AND ...`
+fn where_keys(keys: &[String], offset: usize) -> String {
+    keys.iter().enumerate().map(|(i, k)| format!("{} = ${}", quote_ident(k), i + offset + 1)).collect::<Vec<_>>().join(" AND ")
+}
+
+/// `$row` and every tracked column, in versions-table order.
+fn registers(columns: &[String]) -> impl Iterator<Item = &str> {
+    std::iter::once(ROW).chain(columns.iter().map(String::as_str))
+}
+
 impl TwoWayTable {
-    /// `"k1" = $<offset+1> AND ...`
     fn where_keys(&self, offset: usize) -> String {
-        self.keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{} = ${}", quote_ident(k), i + offset + 1))
-            .collect::<Vec<_>>()
-            .join(" AND ")
+        where_keys(&self.keys, offset)
     }
 
-    /// `$row` and every tracked column, in versions-table order.
     fn registers(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(ROW).chain(self.columns.iter().map(String::as_str))
+        registers(&self.columns)
     }
 }
 
@@ -438,27 +441,13 @@ impl Applier {
         let tw = self.two_way.as_ref().expect("checked above");
         let policy = tw.policies.for_table(schema, table);
         let nodes = tw.nodes;
-        let mut t = TwoWayTable {
-            qualified: qualified.clone(),
-            target,
-            versions,
-            keys,
-            columns,
-            policy,
-            overriding,
-            primary_key,
-            read_row: self.client.prepare("SELECT 1").await.map_err(self.db_err("prepare"))?,
-            placeholder: self.client.prepare("SELECT 1").await.map_err(self.db_err("prepare"))?,
-            read_versions: self.client.prepare("SELECT 1").await.map_err(self.db_err("prepare"))?,
-        };
-        let where_keys = t.where_keys(0);
-        let cols: String = t.columns.iter().map(|c| format!(", {}::text", quote_ident(c))).collect();
-        let read_row = format!("SELECT true{cols} FROM ONLY {} WHERE {where_keys} FOR UPDATE", t.target);
-        let key_list = t.keys.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
-        let key_params = (1..=t.keys.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-        let placeholder = format!("INSERT INTO {} ({key_list}) VALUES ({key_params}) ON CONFLICT DO NOTHING", t.versions);
-        let regs: String = t
-            .registers()
+        let where_all_keys = where_keys(&keys, 0);
+        let cols: String = columns.iter().map(|c| format!(", {}::text", quote_ident(c))).collect();
+        let read_row = format!("SELECT true{cols} FROM ONLY {target} WHERE {where_all_keys} FOR UPDATE");
+        let key_list = keys.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+        let key_params = (1..=keys.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let placeholder = format!("INSERT INTO {versions} ({key_list}) VALUES ({key_params}) ON CONFLICT DO NOTHING");
+        let regs: String = registers(&columns)
             .map(|r| {
                 format!(
                     ", {}, {}, {}, {}",
@@ -470,10 +459,9 @@ impl Applier {
             })
             .collect();
         let read_versions = format!(
-            "SELECT {}::text, {}{regs} FROM {} WHERE {where_keys} FOR UPDATE",
+            "SELECT {}::text, {}{regs} FROM {versions} WHERE {where_all_keys} FOR UPDATE",
             quote_ident(DEAD),
             quote_ident(STAMP),
-            t.versions
         );
         let prep = |sql: String| {
             let client = self.client.clone();
@@ -485,9 +473,19 @@ impl Applier {
                 })
             }
         };
-        t.read_row = prep(read_row).await?;
-        t.placeholder = prep(placeholder).await?;
-        t.read_versions = prep(read_versions).await?;
+        let t = TwoWayTable {
+            read_row: prep(read_row).await?,
+            placeholder: prep(placeholder).await?,
+            read_versions: prep(read_versions).await?,
+            qualified: qualified.clone(),
+            target,
+            versions,
+            keys,
+            columns,
+            policy,
+            overriding,
+            primary_key,
+        };
         if let Some(tw) = &mut self.two_way {
             tw.tables.insert(qualified, t);
         }
@@ -632,7 +630,7 @@ impl Applier {
         let columns = t.columns.clone();
         let qualified = t.qualified.clone();
         let registers: Vec<String> = t.registers().map(str::to_string).collect();
-        let where_keys = t.where_keys(0);
+        let where_all_keys = t.where_keys(0);
         if m.is_alive() {
             if local_alive {
                 let changed: Vec<&String> = columns.iter().filter(|col| m.columns[*col].value != local_values[*col]).collect();
@@ -669,7 +667,7 @@ impl Applier {
                 })?;
             }
         } else if local_alive {
-            let stmt = self.cached(format!("DELETE FROM ONLY {target} WHERE {where_keys}")).await?;
+            let stmt = self.cached(format!("DELETE FROM ONLY {target} WHERE {where_all_keys}")).await?;
             client.execute(&stmt, &key_refs).await.map_err(|e| db(&format!("cannot delete from {qualified}"), e))?;
         }
 
@@ -701,7 +699,7 @@ impl Applier {
             set.push(format!("{} = ${}", quote_ident(&format!("{r}|n")), params.len()));
         }
         let offset = params.len();
-        let where_v = keys.iter().enumerate().map(|(i, k)| format!("{} = ${}", quote_ident(k), i + offset + 1)).collect::<Vec<_>>().join(" AND ");
+        let where_v = where_keys(&keys, offset);
         params.extend(key.iter().cloned());
         let stmt = self.cached(format!("UPDATE {versions_table} SET {} WHERE {where_v}", set.join(", "))).await?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|v| v as _).collect();

@@ -76,12 +76,8 @@ pub async fn status(config: &Config) -> Result<Status, SetupError> {
         s.streaming = sample(metrics::PIPELINE_UP, &label).map(|v| v == 1.0);
         directions.push(s);
     }
-    let conflicts_since_start = scraped.as_ref().filter(|_| config.two_way()).map(|text| {
-        text.lines()
-            .filter(|l| l.starts_with(metrics::CONFLICTS) && l[metrics::CONFLICTS.len()..].starts_with('{'))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum::<f64>() as u64
-    });
+    let conflicts_since_start =
+        scraped.as_ref().filter(|_| config.two_way()).map(|text| metrics::Metrics::sum_samples(text, metrics::CONFLICTS) as u64);
     let mut conflicts_recorded = BTreeMap::new();
     if config.two_way() {
         for (name, node) in &config.nodes {
