@@ -19,3 +19,28 @@ CREATE TABLE IF NOT EXISTS pgduplex.copy_state (
     started_at timestamptz NOT NULL,
     finished_at timestamptz
 );
+
+-- Schema drift (DESIGN §6b): a source table whose columns this node does not have (ALTER TABLE
+-- on the source only, so far). Its changes are held here, as the pgoutput messages they came
+-- in, in the same transactions that advance the origin past them; the rest of the stream goes
+-- on. Once this node has the columns (the same ALTER here), they are replayed in order and the
+-- table resumes.
+CREATE TABLE IF NOT EXISTS pgduplex.paused_tables (
+    source_node text NOT NULL,
+    table_name text NOT NULL,
+    since timestamptz NOT NULL DEFAULT now(),
+    error text NOT NULL,
+    -- The source's latest Relation message for the table (what the target must match).
+    relation bytea NOT NULL,
+    PRIMARY KEY (source_node, table_name)
+);
+CREATE TABLE IF NOT EXISTS pgduplex.paused_changes (
+    id bigserial PRIMARY KEY,
+    source_node text NOT NULL,
+    table_name text NOT NULL,
+    -- The source transaction (its commit LSN): replay groups a transaction's changes again.
+    commit_lsn pg_lsn NOT NULL,
+    relation bytea NOT NULL,
+    message bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS paused_changes_table ON pgduplex.paused_changes (source_node, table_name, id);

@@ -26,6 +26,9 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgduplex_capture') THEN
         CREATE ROLE pgduplex_capture NOLOGIN;
     END IF;
+EXCEPTION
+    -- Another database of the cluster created it at the same moment.
+    WHEN duplicate_object OR unique_violation THEN NULL;
 END
 $role$;
 GRANT USAGE ON SCHEMA pgduplex TO pgduplex_capture;

@@ -38,6 +38,9 @@ pub const PIPELINE_UP: &str = "pgduplex_pipeline_up";
 pub const CONFLICTS: &str = "pgduplex_conflicts_total";
 /// Source transactions parked on the target because they could not be applied (two-way).
 pub const PARKED_CHANGES: &str = "pgduplex_parked_changes";
+/// 1 while a table's changes are held because the target lacks some of its columns (schema
+/// drift), by direction and table.
+pub const TABLE_PAUSED: &str = "pgduplex_table_paused";
 
 /// Handles to every metric, registered in one registry.
 #[derive(Clone)]
@@ -57,6 +60,7 @@ pub struct Metrics {
     pub pipeline_up: IntGaugeVec,
     pub conflicts: IntCounterVec,
     pub parked_changes: IntGaugeVec,
+    pub table_paused: IntGaugeVec,
 }
 
 impl Metrics {
@@ -106,6 +110,14 @@ impl Metrics {
             pipeline_up: gauge(PIPELINE_UP, "1 while the direction is streaming"),
             conflicts: counter(CONFLICTS, "Concurrent changes resolved by the merge", &["table", "kind", "resolution"]),
             parked_changes: gauge(PARKED_CHANGES, "Changes parked on the target, waiting for `pgduplex resolve`"),
+            table_paused: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(TABLE_PAUSED, "1 while the table's changes are held: the target lacks some of its columns"),
+                    &["direction", "table"],
+                )
+                .expect("valid metric"),
+            ),
             registry,
         }
     }

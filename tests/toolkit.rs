@@ -394,3 +394,82 @@ async fn initial_copy_for_two_way_replication() {
     run.stop();
     setup.teardown();
 }
+
+async fn strings(n: &Node, sql: &str) -> Vec<String> {
+    n.client().await.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(|r| r.get(0)).collect()
+}
+
+/// Schema drift, one way (DESIGN §6b): ALTER TABLE on the source only pauses that table (the
+/// error names table and column, `pgduplex_table_paused` is 1, its changes are held durably,
+/// across a restart) while the other tables go on, even in the same transactions; the same
+/// ALTER on the target replays the held changes in order and the table resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_pauses_one_table_until_the_target_matches() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "sd_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "sd_b").await;
+    for n in [&a, &b] {
+        n.client().await.batch_execute("CREATE TABLE drifting (id int PRIMARY KEY, v text); CREATE TABLE steady (id int PRIMARY KEY, v text)").await.unwrap();
+    }
+    let setup = Setup::new(&a, &b, &["public.*"], "");
+    setup.init();
+    let mut run = setup.run();
+    let src = a.client().await;
+    src.batch_execute("INSERT INTO drifting SELECT g, 'v' FROM generate_series(1, 10) g; INSERT INTO steady SELECT g, 'v' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    let timeout = std::time::Duration::from_secs(30);
+    setup.wait_converged(&["drifting", "steady"], timeout).await;
+
+    src.batch_execute(
+        "ALTER TABLE drifting ADD COLUMN w text DEFAULT 'none'; \
+         BEGIN; INSERT INTO drifting VALUES (11, 'new', 'w11'); UPDATE drifting SET w = 'w1' WHERE id = 1; \
+         INSERT INTO steady VALUES (11, 'same transaction'); COMMIT; \
+         DELETE FROM drifting WHERE id = 2; UPDATE steady SET v = 'after' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    setup.wait_converged(&["steady"], timeout).await;
+    let gauge = format!("pgduplex_table_paused{{direction=\"{}-to-{}\",table=\"public.drifting\"}}", a.name, b.name);
+    support::wait_until("drifting paused", timeout, || {
+        let v = run.metric(&gauge);
+        async move { v == Some(1.0) }
+    })
+    .await;
+    let error = strings(&b, "SELECT error FROM pgduplex.paused_tables").await;
+    assert!(error.len() == 1 && error[0].contains("public.drifting") && error[0].contains(" w "), "error names table and column: {error:?}");
+    assert!(run.log_text().contains("schema drift"), "the pause is logged");
+    assert_eq!(strings(&b, "SELECT count(*)::text FROM drifting WHERE id IN (2, 11)").await, ["1"], "held, not applied");
+
+    // Held durably: a restart keeps the table paused and goes on holding its changes.
+    run.stop();
+    let mut run = setup.run();
+    src.batch_execute("UPDATE drifting SET v = 'after restart' WHERE id = 3; INSERT INTO steady VALUES (12, 'after restart')").await.unwrap();
+    setup.wait_converged(&["steady"], timeout).await;
+    support::wait_until("drifting still paused after the restart", timeout, || {
+        let v = run.metric(&gauge);
+        async move { v == Some(1.0) }
+    })
+    .await;
+    assert_eq!(count(&b, "SELECT count(*) FROM pgduplex.paused_changes").await, 4, "every change of drifting is held");
+    let st = status_json(&setup);
+    let paused = &st["directions"][0]["paused_tables"];
+    assert_eq!(paused[0]["table"], "public.drifting", "status lists the paused table: {st:#}");
+    assert_eq!(paused[0]["held_changes"], 4, "{st:#}");
+
+    b.client().await.batch_execute("ALTER TABLE drifting ADD COLUMN w text DEFAULT 'none'").await.unwrap();
+    setup.wait_converged(&["drifting", "steady"], timeout).await;
+    assert_eq!(
+        strings(&b, "SELECT id || ':' || v || ':' || w FROM drifting WHERE id IN (1, 3, 11) ORDER BY id").await,
+        ["1:v:w1", "3:after restart:none", "11:new:w11"]
+    );
+    support::wait_until("drifting resumed", timeout, || {
+        let v = run.metric(&gauge);
+        async move { v == Some(0.0) }
+    })
+    .await;
+    assert_eq!(count(&b, "SELECT count(*) FROM pgduplex.paused_changes").await + count(&b, "SELECT count(*) FROM pgduplex.paused_tables").await, 0);
+    src.batch_execute("UPDATE drifting SET w = 'streaming again' WHERE id = 5").await.unwrap();
+    setup.wait_converged(&["drifting"], timeout).await;
+    run.stop();
+    setup.teardown();
+}

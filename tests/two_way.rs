@@ -441,3 +441,58 @@ async fn key_change_of_a_row_with_a_toasted_value() {
     run.stop();
     setup.teardown();
 }
+
+/// Schema drift, both ways (DESIGN §6b): ADD COLUMN on node a only pauses kv in the direction
+/// a -> b (b lacks the column; a's changes of kv are held on b), while b -> a goes on (a keeps
+/// its values of the new column) and `pair` replicates both ways. The same ALTER on b replays
+/// the held changes and both nodes end identical, tables and versions tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_added_on_one_node_pauses_that_table_until_the_other_has_it() {
+    let (setup, a, b) = pair_of_nodes(PgVersion::V15, PgVersion::V18, "").await;
+    let mut run = setup.run();
+    exec(&a, "INSERT INTO kv (id, x, y) SELECT g, g, 'v' FROM generate_series(1, 6) g").await;
+    wait_identical(&setup, 0).await;
+
+    exec(&a, "ALTER TABLE kv ADD COLUMN w text DEFAULT 'none'").await;
+    exec(&a, "BEGIN; UPDATE kv SET w = 'a1' WHERE id = 1; INSERT INTO kv (id, x, y, w) VALUES (20, 20, 'a', 'a20'); \
+              UPDATE kv SET x = 100 WHERE id = 2; INSERT INTO pair VALUES (1, 'p', 'from a'); COMMIT").await;
+    exec(&a, "DELETE FROM kv WHERE id = 4").await;
+    exec(&b, "UPDATE kv SET y = 'b3' WHERE id = 3; INSERT INTO kv (id, x, y) VALUES (30, 30, 'b'); INSERT INTO pair VALUES (2, 'q', 'from b')").await;
+
+    // Other tables go on, the same transaction's included; kv flows b -> a.
+    wait_same(&setup, &["pair", "pgduplex.\"public.pair\""], 0).await;
+    support::wait_until("b's kv changes on a", Duration::from_secs(30), || async {
+        query_strings(&a, "SELECT y || ',' || w FROM kv WHERE id IN (3, 30) ORDER BY id").await == ["b3,none", "b,none"]
+    })
+    .await;
+    let a_to_b = format!("pgduplex_table_paused{{direction=\"{}-to-{}\",table=\"public.kv\"}}", a.name, b.name);
+    support::wait_until("kv paused a -> b", Duration::from_secs(30), || {
+        let v = run.metric(&a_to_b);
+        async move { v == Some(1.0) }
+    })
+    .await;
+    let b_to_a = format!("pgduplex_table_paused{{direction=\"{}-to-{}\",table=\"public.kv\"}}", b.name, a.name);
+    assert_ne!(run.metric(&b_to_a), Some(1.0), "b -> a must not pause: a has every column b sends");
+    let error = query_strings(&b, "SELECT error FROM pgduplex.paused_tables").await;
+    assert!(error.len() == 1 && error[0].contains("public.kv") && error[0].contains(" w "), "stored error names table and column: {error:?}");
+    assert_eq!(query_strings(&b, "SELECT count(*)::text FROM kv WHERE id IN (4, 20)").await, ["1"], "a's kv changes are held, not applied");
+    assert!(run.log_text().contains("schema drift"), "the pause is logged");
+
+    exec(&b, "ALTER TABLE kv ADD COLUMN w text DEFAULT 'none'").await;
+    wait_identical(&setup, 0).await;
+    assert_eq!(
+        query_strings(&b, "SELECT id || ':' || x || ':' || w FROM kv WHERE id IN (1, 2, 20, 30) ORDER BY id").await,
+        ["1:1:a1", "2:100:none", "20:20:a20", "30:30:none"]
+    );
+    assert_eq!(query_strings(&b, "SELECT count(*)::text FROM pgduplex.paused_changes").await, ["0"]);
+    support::wait_until("kv resumed", Duration::from_secs(30), || {
+        let v = run.metric(&a_to_b);
+        async move { v == Some(0.0) }
+    })
+    .await;
+    // And it replicates normally again, the new column included.
+    exec(&a, "UPDATE kv SET w = 'again' WHERE id = 2").await;
+    wait_identical(&setup, 0).await;
+    run.stop();
+    setup.teardown();
+}

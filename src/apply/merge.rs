@@ -589,6 +589,7 @@ impl Applier {
 
         // The remote row and registers: the change's, or the join of a parked chain's.
         let mut unsent = Vec::new();
+        let mut absent = Vec::new();
         let mut remote: Option<RowVersions<Text>> = None;
         let mut row_stamp = local_stamp;
         for c in chain {
@@ -599,8 +600,9 @@ impl Applier {
                 })?;
                 row_stamp = row_stamp.max(Some(v));
             }
-            let (r, mut u) = remote_row(c, &t.qualified, nodes, &local_values)?;
+            let RemoteRow { row: r, unsent: mut u, absent: mut a } = remote_row(c, &t.qualified, nodes, &local_values)?;
             unsent.append(&mut u);
+            absent.append(&mut a);
             remote = Some(match remote {
                 None => r,
                 Some(acc) => merge_row(&acc, &r, policy)
@@ -644,6 +646,12 @@ impl Applier {
                     client.execute(&stmt, &refs).await.map_err(|e| db(&format!("cannot update {qualified}"), e))?;
                 }
             } else {
+                // A column the source lacks and nobody wrote here takes its default, as it
+                // will on the source when the same ALTER TABLE adds it there.
+                let columns: Vec<String> = columns
+                    .into_iter()
+                    .filter(|col| !(absent.contains(col) && m.columns[col].reg == Register::default()))
+                    .collect();
                 let names: Vec<String> = keys.iter().chain(columns.iter()).map(|c| quote_ident(c)).collect();
                 let params_sql = (1..=names.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
                 let sql = format!(
@@ -785,7 +793,7 @@ fn remote_row(
     qualified: &str,
     nodes: [NodeId; 2],
     local_values: &BTreeMap<String, Text>,
-) -> Result<(RowVersions<Text>, Vec<String>), ApplyError> {
+) -> Result<RemoteRow, ApplyError> {
         let shipped: HashMap<&str, Option<&str>> = c.versions.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         let num = |name: String| -> Result<Option<i64>, ApplyError> {
             shipped.get(name.as_str()).copied().flatten().map(str::parse::<i64>).transpose().map_err(|e| ApplyError::BadChange {
@@ -828,10 +836,28 @@ fn remote_row(
             };
             remote_columns.insert(col.to_string(), Cell { reg: remote_reg(col)?, value });
         }
+        // Columns the source does not have (added here first, DESIGN §6b): the source never
+        // wrote them, so their register there is the empty one and the local value stands.
+        let mut absent = Vec::new();
+        for (col, value) in local_values {
+            if !remote_columns.contains_key(col) {
+                absent.push(col.clone());
+                remote_columns.insert(col.clone(), Cell { reg: Register::default(), value: value.clone() });
+            }
+        }
         let remote = RowVersions {
             row: Cell { reg: remote_reg(ROW)?, value: if c.op == RowOp::Delete { Existence::Dead } else { Existence::Alive } },
             columns: remote_columns,
         };
 
-        Ok((remote, unsent))
+        Ok(RemoteRow { row: remote, unsent, absent })
+}
+
+/// The remote row of one change, and what it lacks.
+struct RemoteRow {
+    row: RowVersions<Text>,
+    /// Columns whose value was not sent (unchanged TOAST).
+    unsent: Vec<String>,
+    /// Columns the source's table does not have.
+    absent: Vec<String>,
 }

@@ -17,6 +17,7 @@
 //! sent as COPY.
 
 mod copy_text;
+mod drift;
 mod merge;
 mod table;
 mod text_value;
@@ -38,6 +39,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{ColumnValue, Commit, Delete, Insert, Relation, TupleData, Truncate, Update};
 
+pub use drift::{HeldChange, PausedTable};
 pub use merge::TwoWay;
 pub use table::{TableMap, TargetColumn, TARGET_COLUMNS_SQL, pg_timestamp_literal};
 pub use text_value::TextValue;
@@ -320,22 +322,7 @@ impl Applier {
     pub async fn relation(&mut self, rel: &Relation) -> Result<(), ApplyError> {
         self.flush_pending().await?;
         self.drain().await?;
-        let rows = self
-            .client
-            .query(TARGET_COLUMNS_SQL, &[&rel.namespace, &rel.name])
-            .await
-            .map_err(self.db_err(format!("cannot read columns of {}.{}", rel.namespace, rel.name)))?;
-        let cols: Vec<TargetColumn> = rows
-            .iter()
-            .map(|r| TargetColumn {
-                name: r.get(0),
-                generated: r.get(1),
-                identity_always: r.get(2),
-                type_name: r.get(3),
-                unique: r.get(4),
-                partitioned: r.get(5),
-            })
-            .collect();
+        let cols = self.target_columns(&rel.namespace, &rel.name).await?;
         let map = TableMap::resolve(rel, &cols)?;
         self.statements.retain(|k, _| k.relation != rel.oid);
         self.tables.insert(rel.oid, map);
@@ -739,8 +726,15 @@ impl Applier {
         self.flush_pending().await?;
         let client = self.client.clone();
         let node = self.node.clone();
-        let Some((end_lsn, commit_time)) = batch.last_end_lsn else {
-            // No source transaction completed (cannot happen: batches close at commit boundaries).
+        let last = match batch.last_end_lsn {
+            Some(last) => Some(last),
+            // No source transaction completed but rows were written (a replay of held changes):
+            // commit with the origin where it is.
+            None if batch.rows > 0 => Some((self.committed, crate::protocol::pg_epoch_micros_now())),
+            None => None,
+        };
+        let Some((end_lsn, commit_time)) = last else {
+            // Nothing happened in this batch.
             return self
                 .enqueue(Box::pin(async move {
                     client.batch_execute("ROLLBACK").await.map_err(|e| ApplyError::Db(DbError::new(&node, "rollback", e)))?;

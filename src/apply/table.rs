@@ -63,6 +63,17 @@ pub struct TableMap {
 impl TableMap {
     /// Matches `rel`'s columns by name against the target's; errors name the table and column.
     pub fn resolve(rel: &Relation, target_columns: &[TargetColumn]) -> Result<TableMap, ApplyError> {
+        TableMap::resolve_inner(rel, target_columns, false)
+    }
+
+    /// [`TableMap::resolve`] for replaying held changes (schema drift): a source column the
+    /// target lacks is left out (it was dropped on the source since; its values are gone there
+    /// too) instead of being an error. Key columns must still exist.
+    pub fn resolve_lenient(rel: &Relation, target_columns: &[TargetColumn]) -> Result<TableMap, ApplyError> {
+        TableMap::resolve_inner(rel, target_columns, true)
+    }
+
+    fn resolve_inner(rel: &Relation, target_columns: &[TargetColumn], skip_missing: bool) -> Result<TableMap, ApplyError> {
         let display = format!("{}.{}", rel.namespace, rel.name);
         if target_columns.is_empty() {
             return Err(ApplyError::MissingTable { table: display });
@@ -74,10 +85,17 @@ impl TableMap {
         let mut unique = Vec::with_capacity(rel.columns.len());
         let mut overriding = false;
         for col in &rel.columns {
-            let t = target_columns.iter().find(|t| t.name == col.name).ok_or_else(|| ApplyError::MissingColumn {
-                table: display.clone(),
-                column: col.name.clone(),
-            })?;
+            let Some(t) = target_columns.iter().find(|t| t.name == col.name) else {
+                if skip_missing && !col.is_key {
+                    names.push(quote_ident(&col.name));
+                    identity_always.push(false);
+                    types.push(String::new());
+                    unique.push(false);
+                    columns.push(None);
+                    continue;
+                }
+                return Err(ApplyError::MissingColumn { table: display.clone(), column: col.name.clone() });
+            };
             names.push(quote_ident(&t.name));
             identity_always.push(t.identity_always);
             types.push(t.type_name.clone());
@@ -273,6 +291,22 @@ pub const TARGET_COLUMNS_SQL: &str = "SELECT a.attname::text, a.attgenerated <> 
      FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
 
+/// The columns of `rel` that the target lacks, in source order: schema drift when not empty.
+/// `None` when the target table is missing altogether. (A target column that is generated is
+/// not missing: the target computes it.)
+pub fn missing_columns(rel: &Relation, target_columns: &[TargetColumn]) -> Option<Vec<String>> {
+    if target_columns.is_empty() {
+        return None;
+    }
+    Some(
+        rel.columns
+            .iter()
+            .filter(|c| !target_columns.iter().any(|t| t.name == c.name))
+            .map(|c| c.name.clone())
+            .collect(),
+    )
+}
+
 /// A literal for `pg_replication_origin_xact_setup`'s timestamp: µs since 2000-01-01 UTC.
 pub fn pg_timestamp_literal(micros_since_2000: i64) -> String {
     format!(
@@ -353,5 +387,26 @@ mod tests {
         assert!(e.contains("public.T") && e.contains("extra"), "{e}");
         let e = TableMap::resolve(&r, &[]).unwrap_err().to_string();
         assert!(e.contains("public.T"), "{e}");
+    }
+
+    #[test]
+    fn drift_lists_every_missing_column() {
+        let r = rel(ReplicaIdentity::Default, &[("id", true), ("a", false), ("b", false), ("g", false)]);
+        let target = [tcol("id", false), tcol("g", true)];
+        assert_eq!(missing_columns(&r, &target), Some(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(missing_columns(&r, &[]), None);
+        let all = [tcol("id", false), tcol("a", false), tcol("b", false), tcol("g", true), tcol("extra", false)];
+        assert_eq!(missing_columns(&r, &all), Some(vec![]));
+    }
+
+    #[test]
+    fn lenient_resolve_leaves_missing_columns_out() {
+        let r = rel(ReplicaIdentity::Default, &[("id", true), ("gone", false), ("v", false)]);
+        let m = TableMap::resolve_lenient(&r, &[tcol("id", false), tcol("v", false)]).unwrap();
+        assert_eq!(m.insert_sql(), r#"INSERT INTO "public"."T" ("id", "v") VALUES ($1, $2)"#);
+        assert_eq!(m.columns[1], None);
+        // A missing key column is still an error.
+        let r = rel(ReplicaIdentity::Default, &[("id", true), ("v", false)]);
+        assert!(TableMap::resolve_lenient(&r, &[tcol("v", false)]).is_err());
     }
 }

@@ -12,12 +12,14 @@
 //! - At start, `confirmed_flush_lsn > origin progress` would mean the source discarded
 //!   transactions we never applied: we refuse to start instead of skipping them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+mod drift;
 pub mod pair;
 
 use crate::apply::{ApplyError, Applier, TwoWay};
@@ -27,7 +29,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, DecodeContext, DecodeError, Message};
 use crate::versions::NodeId;
-use pair::{Pairer, VERSIONS_SCHEMA};
+use pair::Pairer;
 use crate::protocol::{ConnectParams, ProtocolError, ReplicationClient, ReplicationMessage, ReplicationStream};
 
 /// Why a direction stopped streaming.
@@ -174,6 +176,13 @@ struct State<'a> {
     pairer: Option<Pairer>,
     /// Least time between two idle-position records.
     idle_record_interval: Duration,
+    /// The latest Relation message per source OID.
+    relations: HashMap<u32, drift::SourceRelation>,
+    /// Tables paused for schema drift: their changes are held on the target.
+    paused: HashMap<String, drift::Paused>,
+    /// Paused tables to resume once the open transaction is done (their Relation matched).
+    resume_wanted: Vec<String>,
+    next_drift_check: Instant,
 }
 
 async fn stream_once(
@@ -317,7 +326,12 @@ async fn stream_once(
         // Two-way: each idle record is WAL the other direction sees move, and records there in
         // turn; a longer interval keeps that exchange slow.
         idle_record_interval: if config.two_way() { TWO_WAY_IDLE_RECORD_INTERVAL } else { Duration::from_secs(1) },
+        relations: HashMap::new(),
+        paused: HashMap::new(),
+        resume_wanted: Vec::new(),
+        next_drift_check: Instant::now(),
     };
+    st.load_paused().await?;
 
     // One timer for the batch deadline, re-armed only when the deadline changes (not per message).
     let batch_timer = tokio::time::sleep(Duration::from_secs(3600));
@@ -392,6 +406,12 @@ async fn stream_once(
                 check_slot(metrics, &label, direction.source.as_str(), &source_sql, &slot).await?;
                 if !st.applier.batch_open() {
                     st.applier.refresh_parked().await.map_err(|e| st.apply_err(e))?;
+                }
+            }
+            if now >= st.next_drift_check && st.open.is_none() {
+                st.next_drift_check = now + drift::DRIFT_CHECK_INTERVAL;
+                if !st.paused.is_empty() {
+                    st.recheck_paused().await?;
                 }
             }
         }
@@ -488,61 +508,59 @@ impl State<'_> {
                 };
                 open.echo = self.echo_origins.contains(&o.name);
             }
-            Message::Relation(rel) => match &mut self.pairer {
-                Some(pairer) => {
-                    pairer.relation(&rel);
-                    let table = if rel.namespace == VERSIONS_SCHEMA { rel.name.clone() } else { format!("{}.{}", rel.namespace, rel.name) };
-                    self.applier.forget_two_way_table(&table);
-                }
-                None => self.applier.relation(&rel).await.map_err(|e| a(self, e))?,
-            },
+            Message::Relation(rel) => self.on_relation(rel, data).await?,
             Message::Type(_) | Message::LogicalMessage(_) => {}
             Message::Insert(ins) => {
-                if self.change_wanted(lsn)?
-                    && let Some(p) = &mut self.pairer
-                {
-                    p.insert(&ins);
-                } else if self.change_wanted_again() {
-                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                    self.applier.insert(&ins).await.map_err(|e| a(self, e))?;
+                if self.change_wanted(lsn)? && !self.held(ins.relation_oid, data).await? {
+                    if let Some(p) = &mut self.pairer {
+                        p.insert(&ins);
+                    } else {
+                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                        self.applier.insert(&ins).await.map_err(|e| a(self, e))?;
+                    }
                 }
             }
             Message::Update(up) => {
-                if self.change_wanted(lsn)?
-                    && let Some(p) = &mut self.pairer
-                {
-                    p.update(&up);
-                } else if self.change_wanted_again() {
-                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                    self.applier.update(&up).await.map_err(|e| a(self, e))?;
+                if self.change_wanted(lsn)? && !self.held(up.relation_oid, data).await? {
+                    if let Some(p) = &mut self.pairer {
+                        p.update(&up);
+                    } else {
+                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                        self.applier.update(&up).await.map_err(|e| a(self, e))?;
+                    }
                 }
             }
             Message::Delete(del) => {
-                if self.change_wanted(lsn)?
-                    && let Some(p) = &mut self.pairer
-                {
-                    p.delete(&del);
-                } else if self.change_wanted_again() {
-                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                    self.applier.delete(&del).await.map_err(|e| a(self, e))?;
+                if self.change_wanted(lsn)? && !self.held(del.relation_oid, data).await? {
+                    if let Some(p) = &mut self.pairer {
+                        p.delete(&del);
+                    } else {
+                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                        self.applier.delete(&del).await.map_err(|e| a(self, e))?;
+                    }
                 }
             }
             Message::Truncate(tr) => {
-                if self.change_wanted(lsn)? && self.pairer.is_some() {
+                let wanted = self.change_wanted(lsn)?;
+                if wanted && self.pairer.is_some() {
                     return Err(self.violation(
                         lsn,
                         "TRUNCATE of a table replicated both ways: its guard trigger (pgduplex_no_truncate) was removed; \
                          the other node cannot follow a TRUNCATE, re-run `pgduplex init` and resynchronise the table",
                     ));
                 }
-                if self.change_wanted_again() {
-                    // TRUNCATE takes an ACCESS EXCLUSIVE lock: keep it out of a batch with earlier
-                    // source transactions (possible when it is its transaction's first change).
-                    if self.open.as_ref().is_some_and(|t| t.changes == 1) && self.applier.batch_open() {
-                        self.applier.commit_batch().await.map_err(|e| a(self, e))?;
+                if wanted {
+                    // Paused tables' part is held; the rest is applied.
+                    let tr = self.hold_truncate(tr, data).await?;
+                    if !tr.relation_oids.is_empty() {
+                        // TRUNCATE takes an ACCESS EXCLUSIVE lock: keep it out of a batch with earlier
+                        // source transactions (possible when it is its transaction's first change).
+                        if self.open.as_ref().is_some_and(|t| t.changes == 1) && self.applier.batch_open() {
+                            self.applier.commit_batch().await.map_err(|e| a(self, e))?;
+                        }
+                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
+                        self.applier.truncate(&tr).await.map_err(|e| a(self, e))?;
                     }
-                    self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                    self.applier.truncate(&tr).await.map_err(|e| a(self, e))?;
                 }
             }
             Message::Commit(c) => {
@@ -571,6 +589,9 @@ impl State<'_> {
                 if self.applier.end_source_transaction(&c, !open.echo) {
                     self.applier.commit_batch().await.map_err(|e| a(self, e))?;
                 }
+                if !self.resume_wanted.is_empty() {
+                    self.resume_wanted_tables().await?;
+                }
             }
             other => {
                 return Err(self.violation(
@@ -591,11 +612,6 @@ impl State<'_> {
                 Ok(!t.echo)
             }
         }
-    }
-
-    /// Whether the change just counted by [`State::change_wanted`] is to be applied.
-    fn change_wanted_again(&self) -> bool {
-        self.open.as_ref().is_some_and(|t| !t.echo)
     }
 
     /// A keepalive while idle: record its position durably so the slot can advance.

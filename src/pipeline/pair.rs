@@ -58,6 +58,24 @@ impl RowChange {
     pub fn qualified(&self) -> String {
         format!("{}.{}", self.schema, self.table)
     }
+
+    /// Drops the values and registers of the non-key columns `keep` rejects (replaying a held
+    /// change after its column was dropped on both nodes). Row-level versions (`$row`,
+    /// `$stamp`, `$dead`) stay.
+    pub fn retain_columns(&mut self, keep: impl Fn(&str) -> bool) {
+        self.values.retain(|(c, _)| keep(c));
+        self.unchanged.retain(|c| keep(c));
+        let keys: Vec<String> = self.key.iter().map(|(k, _)| k.clone()).collect();
+        self.versions.retain(|(name, _)| {
+            if keys.contains(name) {
+                return true;
+            }
+            match name.rsplit_once('|') {
+                Some((col, _)) => col.starts_with('$') || keep(col),
+                None => true,
+            }
+        });
+    }
 }
 
 /// Why a transaction's changes could not be paired.
@@ -485,5 +503,31 @@ mod tests {
         assert_eq!(out[1].op, RowOp::Insert);
         assert!(out[1].unchanged.is_empty());
         assert_eq!(out[1].values, vec![("x".to_string(), Some("big value".to_string()))]);
+    }
+
+    #[test]
+    fn retain_columns_drops_values_and_registers_of_dropped_columns() {
+        let t = |v: &str| Some(v.to_string());
+        let mut c = RowChange {
+            schema: "public".into(),
+            table: "t".into(),
+            op: RowOp::Update,
+            key: vec![("id".into(), t("1"))],
+            values: vec![("a".into(), t("x")), ("gone".into(), t("y"))],
+            unchanged: vec!["gone".into()],
+            versions: vec![
+                ("id".into(), t("1")),
+                ("$row|a".into(), t("1")),
+                ("$stamp".into(), t("5")),
+                ("a|t".into(), t("5")),
+                ("gone|t".into(), t("4")),
+                ("gone|n".into(), t("a")),
+            ],
+        };
+        c.retain_columns(|col| col != "gone");
+        assert_eq!(c.values, vec![("a".to_string(), t("x"))]);
+        assert!(c.unchanged.is_empty());
+        let names: Vec<&str> = c.versions.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["id", "$row|a", "$stamp", "a|t"]);
     }
 }

@@ -40,6 +40,17 @@ pub struct DirectionStatus {
     pub streaming: Option<bool>,
     /// Two-way: changes parked on the target.
     pub parked_changes: Option<i64>,
+    /// Tables paused for schema drift (their changes held on the target).
+    pub paused_tables: Vec<PausedTableStatus>,
+}
+
+/// A table whose changes are held because the target lacks some of its columns.
+#[derive(Debug, Clone, Serialize)]
+pub struct PausedTableStatus {
+    pub table: String,
+    pub since: String,
+    pub held_changes: i64,
+    pub error: String,
 }
 
 /// The whole report.
@@ -129,6 +140,19 @@ async fn read_direction(config: &Config, d: &Direction) -> Result<DirectionStatu
     } else {
         None
     };
+    let paused_tables = target
+        .query(
+            "SELECT p.table_name, p.since::text, \
+                    (SELECT count(*) FROM pgduplex.paused_changes c WHERE c.source_node = p.source_node AND c.table_name = p.table_name), \
+                    p.error \
+             FROM pgduplex.paused_tables p WHERE p.source_node = $1 ORDER BY p.table_name",
+            &[&src],
+        )
+        .await
+        .map_err(|e| DbError::new(tgt, "cannot read pgduplex.paused_tables (has `pgduplex init` run?)", e))?
+        .iter()
+        .map(|r| PausedTableStatus { table: r.get(0), since: r.get(1), held_changes: r.get(2), error: r.get(3) })
+        .collect();
     let mut s = DirectionStatus {
         direction: d.label(),
         slot: slot.clone(),
@@ -144,6 +168,7 @@ async fn read_direction(config: &Config, d: &Direction) -> Result<DirectionStatu
         applied_changes: None,
         streaming: None,
         parked_changes,
+        paused_tables,
     };
     if let Some(r) = row {
         s.slot_active = r.get(0);
@@ -199,6 +224,9 @@ pub fn render(s: &Status) -> Vec<String> {
                 "  since start: {t} transactions, {c} changes applied; {}",
                 if d.streaming == Some(true) { "streaming" } else { "NOT streaming (reconnecting, see the log)" }
             ));
+        }
+        for p in &d.paused_tables {
+            lines.push(format!("  PAUSED {} since {}, {} changes held: {}", p.table, p.since, p.held_changes, p.error));
         }
         if let Some(p) = d.parked_changes {
             lines.push(format!("  parked changes: {p}{}", if p > 0 { " (see `pgduplex resolve list`)" } else { "" }));
