@@ -110,26 +110,39 @@ async fn sequences_interleave_keeps_two_way_inserts_apart() {
     for n in [&a, &b] {
         n.client()
             .await
-            .batch_execute("CREATE TABLE items (id serial PRIMARY KEY, who text); INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 5) g")
+            .batch_execute(
+                "CREATE TABLE items (id serial PRIMARY KEY, who text); INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 5) g;
+                 -- one sequence feeding two tables through their defaults, not owned by either
+                 CREATE SEQUENCE shared_seq; CREATE TABLE tags (id bigint PRIMARY KEY DEFAULT nextval('shared_seq'), who text);
+                 CREATE TABLE labels (id bigint PRIMARY KEY DEFAULT nextval('shared_seq'), who text);
+                 INSERT INTO tags (id, who) VALUES (40, 'seed')",
+            )
             .await
             .unwrap();
     }
-    let setup = Setup::both(&a, &b, &["public.items"], "");
+    let setup = Setup::both(&a, &b, &["public.items", "public.tags", "public.labels"], "");
     let out = setup.command(&["init"]);
+    let refusal = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a plain serial key must be refused for two-way");
+    assert!(refusal.contains("items_id_seq") && refusal.contains("shared_seq"), "a key fed by a nextval default is refused too: {refusal}");
     let text = command_ok(&setup, &["sequences", "interleave"]);
     assert!(text.contains("public.items_id_seq") && text.contains("restarts at"), "{text}");
+    assert!(text.contains("public.shared_seq") && text.contains("restarts at 41"), "past the largest key of every table it feeds: {text}");
     setup.init();
     let mut run = setup.run();
     let insert = |n: Node| async move {
         let c = n.client().await;
-        for _ in 0..100 {
-            c.batch_execute(&format!("INSERT INTO items (who) VALUES ('{}')", n.name)).await.expect("insert");
+        for i in 0..100 {
+            let table = ["tags", "labels"][i % 2];
+            c.batch_execute(&format!("INSERT INTO items (who) VALUES ('{n}'); INSERT INTO {table} (who) VALUES ('{n}')", n = n.name))
+                .await
+                .expect("insert");
         }
     };
     tokio::join!(insert(a.clone()), insert(b.clone()));
-    setup.wait_converged(&["items"], std::time::Duration::from_secs(60)).await;
+    setup.wait_converged(&["items", "tags", "labels"], std::time::Duration::from_secs(60)).await;
     assert_eq!(count(&a, "SELECT count(*) FROM items").await, 205, "no insert was lost to a key collision");
+    assert_eq!(count(&a, "SELECT count(*) FROM tags").await + count(&a, "SELECT count(*) FROM labels").await, 201);
     assert_eq!(count(&a, "SELECT count(*) FROM pgduplex.parked").await + count(&b, "SELECT count(*) FROM pgduplex.parked").await, 0);
     let parities = |n: &Node| format!("SELECT count(DISTINCT id % 2) FROM items WHERE who = '{}'", n.name);
     assert_eq!(count(&a, &parities(&a)).await, 1, "node a's keys share one parity");
@@ -155,7 +168,10 @@ async fn sequences_sync_moves_the_target_ahead() {
     for n in [&a, &b] {
         n.client()
             .await
-            .batch_execute("CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text); CREATE TABLE notes (id serial PRIMARY KEY)")
+            .batch_execute(
+                "CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text); CREATE TABLE notes (id serial PRIMARY KEY);
+                 CREATE SEQUENCE down_seq INCREMENT BY -1 MAXVALUE -1 START WITH -1; CREATE TABLE downs (id int PRIMARY KEY DEFAULT nextval('down_seq'))",
+            )
             .await
             .unwrap();
     }
@@ -169,6 +185,7 @@ async fn sequences_sync_moves_the_target_ahead() {
     assert!(text.contains("orders_id_seq") && text.contains("set to 50"), "{text}");
     assert_eq!(count(&b, "SELECT nextval('orders_id_seq')").await, 51);
     assert_eq!(count(&b, "SELECT nextval('notes_id_seq')").await, 8);
+    assert!(text.contains("down_seq counts down: NOT synced"), "a descending sequence is named, not moved the wrong way: {text}");
     let again = command_ok(&setup, &["sequences", "sync"]);
     assert!(again.contains("already at"), "never moves a sequence backwards: {again}");
     setup.teardown();

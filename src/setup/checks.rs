@@ -297,17 +297,19 @@ pub async fn check_two_way_node(
     Ok(problems)
 }
 
-/// Sequences feeding primary-key columns of `t` (serial or identity): (sequence, column,
-/// increment, the next value it will hand out).
+/// Sequences feeding primary-key columns of `t` (serial, identity, or a `nextval` default with
+/// or without OWNED BY): (sequence, column, increment, the next value it will hand out).
 async fn key_sequences(client: &Client, node: &str, t: &SourceTable) -> Result<Vec<(String, String, i64, i64)>, DbError> {
     let rows = client
         .query(
-            "SELECT s.seq::text, a.attname::text, ps.increment_by, ps.start_value \
-             FROM pg_index i \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-             CROSS JOIN LATERAL (SELECT pg_get_serial_sequence(format('%I.%I', $1::text, $2::text), a.attname)::regclass AS seq) s \
-             JOIN pg_sequences ps ON format('%I.%I', ps.schemaname, ps.sequencename)::regclass = s.seq \
-             WHERE i.indrelid = format('%I.%I', $1::text, $2::text)::regclass AND i.indisprimary AND s.seq IS NOT NULL",
+            &format!(
+                "SELECT format('%I.%I', f.seq_schema, f.seq_name), f.column_name, f.increment FROM ({}) f \
+                 WHERE f.table_schema = $1 AND f.table_name = $2 AND f.column_name IN ( \
+                     SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                     WHERE i.indrelid = format('%I.%I', $1::text, $2::text)::regclass AND i.indisprimary) \
+                 ORDER BY 2, 1",
+                super::sequences::FED_COLUMNS_SQL
+            ),
             &[&t.schema, &t.name],
         )
         .await
