@@ -487,6 +487,21 @@ async fn schema_drift_pauses_one_table_until_the_target_matches() {
     assert_eq!(count(&b, "SELECT count(*) FROM pgduplex.paused_changes").await + count(&b, "SELECT count(*) FROM pgduplex.paused_tables").await, 0);
     src.batch_execute("UPDATE drifting SET w = 'streaming again' WHERE id = 5").await.unwrap();
     setup.wait_converged(&["drifting"], timeout).await;
+
+    // A second drift; a TRUNCATE naming the paused table and another one, as its transaction's
+    // first change: the other table is truncated now, the paused one's part is held and replayed.
+    src.batch_execute("ALTER TABLE drifting ADD COLUMN w2 int; INSERT INTO drifting (id, v, w2) VALUES (100, 'x', 1)").await.unwrap();
+    support::wait_until("drifting paused again", timeout, || {
+        let v = run.metric(&gauge);
+        async move { v == Some(1.0) }
+    })
+    .await;
+    src.batch_execute("TRUNCATE drifting, steady; INSERT INTO steady VALUES (1, 'after truncate')").await.unwrap();
+    setup.wait_converged(&["steady"], timeout).await;
+    assert_eq!(count(&b, "SELECT count(*) FROM drifting").await, 10, "drifting's truncate is held while it is paused");
+    b.client().await.batch_execute("ALTER TABLE drifting ADD COLUMN w2 int").await.unwrap();
+    setup.wait_converged(&["drifting", "steady"], timeout).await;
+    assert_eq!(count(&b, "SELECT count(*) FROM drifting").await, 0);
     run.stop();
     setup.teardown();
 }

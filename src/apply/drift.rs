@@ -7,9 +7,14 @@
 //! pipeline decides what to hold and when to replay; this module reads the target's catalog and
 //! stores, reads and removes held changes.
 
-use bytes::Bytes;
+use std::future::Future;
+use std::sync::Arc;
 
-use super::{ApplyError, Applier, Completion, TableMap, TargetColumn, TARGET_COLUMNS_SQL};
+use bytes::Bytes;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+use super::{ApplyError, Applier, Completion, StatementKey, TableMap, TargetColumn, TARGET_COLUMNS_SQL};
 use crate::db::DbError;
 use crate::lsn::Lsn;
 use crate::pgoutput::Relation;
@@ -68,55 +73,73 @@ impl Applier {
             )),
             Some(missing) if missing.is_empty() => None,
             Some(missing) => Some(format!(
-                "table {table}: column{} {} exist{} on node {source} but not on node {}: run the same ALTER TABLE on node {} \
-                 (changes of {table} are held until then; other tables go on)",
-                if missing.len() == 1 { "" } else { "s" },
-                missing.join(", "),
-                if missing.len() == 1 { "s" } else { "" },
-                self.node,
-                self.node,
+                "table {table}: column{s} {cols} exist{v} on node {source} but not on node {target}: its changes from node {source} \
+                 are held (other tables go on) until both nodes have the same columns: add {them} on node {target} \
+                 (or drop {them} on node {source}) with the same ALTER TABLE",
+                s = if missing.len() == 1 { "" } else { "s" },
+                cols = missing.join(", "),
+                v = if missing.len() == 1 { "s" } else { "" },
+                target = self.node,
+                them = if missing.len() == 1 { "it" } else { "them" },
             )),
         })
     }
 
     /// Records (or updates) a paused table in the open batch.
     pub async fn pause_table(&mut self, source: &str, table: &str, error: &str, relation: &Bytes) -> Result<(), ApplyError> {
-        self.begin_if_needed().await?;
-        self.flush_pending().await?;
-        let client = self.client.clone();
-        let node = self.node.clone();
+        let sql = "INSERT INTO pgduplex.paused_tables (source_node, table_name, error, relation) VALUES ($1, $2, $3, $4) \
+                   ON CONFLICT (source_node, table_name) DO UPDATE SET error = excluded.error, relation = excluded.relation";
+        let stmt = self.drift_statement(b'P', sql).await?;
         let (source, table, error, relation) = (source.to_string(), table.to_string(), error.to_string(), relation.to_vec());
-        self.enqueue(Box::pin(async move {
-            client
-                .execute(
-                    "INSERT INTO pgduplex.paused_tables (source_node, table_name, error, relation) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (source_node, table_name) DO UPDATE SET error = excluded.error, relation = excluded.relation",
-                    &[&source, &table, &error, &relation],
-                )
-                .await
-                .map_err(|e| ApplyError::Db(DbError::new(&node, format!("cannot record paused table {table} in pgduplex.paused_tables"), e)))?;
-            Ok(Completion::Done)
-        }))
+        let context = format!("cannot record paused table {table} in pgduplex.paused_tables");
+        self.enqueue_write(stmt, context, move |client, stmt| async move {
+            let params: [&(dyn ToSql + Sync); 4] = [&source, &table, &error, &relation];
+            client.execute_raw(&stmt, params).await
+        })
         .await
     }
 
     /// Holds one change of a paused table, in the open batch (pipelined).
     pub async fn hold_change(&mut self, source: &str, table: &str, commit_lsn: Lsn, relation: &Bytes, message: &Bytes) -> Result<(), ApplyError> {
-        self.begin_if_needed().await?;
-        self.flush_pending().await?;
-        let client = self.client.clone();
-        let node = self.node.clone();
+        let sql = "INSERT INTO pgduplex.paused_changes (source_node, table_name, commit_lsn, relation, message) \
+                   VALUES ($1, $2, $3::text::pg_lsn, $4, $5)";
+        let stmt = self.drift_statement(b'H', sql).await?;
         let (source, table, lsn) = (source.to_string(), table.to_string(), commit_lsn.to_string());
         let (relation, message) = (relation.to_vec(), message.to_vec());
+        let context = format!("cannot hold a change of paused table {table}");
+        self.enqueue_write(stmt, context, move |client, stmt| async move {
+            let params: [&(dyn ToSql + Sync); 5] = [&source, &table, &lsn, &relation, &message];
+            client.execute_raw(&stmt, params).await
+        })
+        .await
+    }
+
+    /// The prepared statement of one of the drift writes (cached like the apply's own).
+    async fn drift_statement(&mut self, kind: u8, sql: &str) -> Result<Statement, ApplyError> {
+        let key = StatementKey { relation: 0, kind, columns: Box::new([]), rows: 1 };
+        match self.statements.get(&key) {
+            Some(s) => Ok(s.clone()),
+            None => self.prepare(key, sql.to_string()).await,
+        }
+    }
+
+    /// Pipelines a write of a prepared statement in the open batch (opening one), which then
+    /// commits even without a completed source transaction. The statement goes out on the
+    /// first poll, so it reaches the server in order with the batch's other requests.
+    async fn enqueue_write<F, Fut>(&mut self, stmt: Statement, context: String, write: F) -> Result<(), ApplyError>
+    where
+        F: FnOnce(Arc<Client>, Statement) -> Fut,
+        Fut: Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'static,
+    {
+        self.begin_if_needed().await?;
+        self.flush_pending().await?;
+        if let Some(b) = &mut self.batch {
+            b.dirty = true;
+        }
+        let node = self.node.clone();
+        let fut = write(self.client.clone(), stmt);
         self.enqueue(Box::pin(async move {
-            client
-                .execute(
-                    "INSERT INTO pgduplex.paused_changes (source_node, table_name, commit_lsn, relation, message) \
-                     VALUES ($1, $2, $3::text::pg_lsn, $4, $5)",
-                    &[&source, &table, &lsn, &relation, &message],
-                )
-                .await
-                .map_err(|e| ApplyError::Db(DbError::new(&node, format!("cannot hold a change of paused table {table}"), e)))?;
+            fut.await.map_err(|e| ApplyError::Db(DbError::new(&node, context, e)))?;
             Ok(Completion::Done)
         }))
         .await
@@ -131,7 +154,7 @@ impl Applier {
                 &[&source],
             )
             .await
-            .map_err(self.db_err("cannot read pgduplex.paused_tables"))?;
+            .map_err(self.db_err("cannot read pgduplex.paused_tables (run `pgduplex init` again to add it)"))?;
         Ok(rows
             .iter()
             .map(|r| PausedTable { table: r.get(0), error: r.get(1), relation: Bytes::from(r.get::<_, Vec<u8>>(2)) })
@@ -171,6 +194,9 @@ impl Applier {
     pub async fn end_pause(&mut self, source: &str, table: &str, last: i64) -> Result<(), ApplyError> {
         self.begin_if_needed().await?;
         self.settle().await?;
+        if let Some(b) = &mut self.batch {
+            b.dirty = true;
+        }
         self.client
             .execute(
                 "DELETE FROM pgduplex.paused_changes WHERE source_node = $1 AND table_name = $2 AND id <= $3",
@@ -202,6 +228,16 @@ impl Applier {
     pub async fn settle(&mut self) -> Result<(), ApplyError> {
         self.flush_pending().await?;
         self.drain().await
+    }
+
+    /// Checks the open batch's deferred constraints now (a replay's failure must surface
+    /// before its COMMIT, where it could only stop the direction).
+    pub async fn check_deferred_constraints(&mut self) -> Result<(), ApplyError> {
+        self.settle().await?;
+        self.client
+            .batch_execute("SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED")
+            .await
+            .map_err(self.db_err("deferred constraints of the replayed changes failed"))
     }
 
     /// Abandons and rolls back the open batch (a replay that failed: only it was in the batch).

@@ -145,6 +145,8 @@ struct Batch {
     must_end: bool,
     /// Conflicts resolved in this batch (two-way), counted when it commits.
     conflicts: Vec<ConflictCount>,
+    /// Something other than applied rows was written (held changes, pauses): never roll back.
+    dirty: bool,
 }
 
 /// Hand COPY data to the connection in chunks of about this size.
@@ -313,7 +315,7 @@ impl Applier {
                 Ok(Completion::Done)
             }))
             .await?;
-            self.batch = Some(Batch { started: Instant::now(), transactions: 0, rows: 0, last_end_lsn: None, must_end: false, conflicts: Vec::new() });
+            self.batch = Some(Batch { started: Instant::now(), transactions: 0, rows: 0, last_end_lsn: None, must_end: false, conflicts: Vec::new(), dirty: false });
         }
         Ok(())
     }
@@ -730,7 +732,7 @@ impl Applier {
             Some(last) => Some(last),
             // No source transaction completed but rows were written (a replay of held changes):
             // commit with the origin where it is.
-            None if batch.rows > 0 => Some((self.committed, crate::protocol::pg_epoch_micros_now())),
+            None if batch.rows > 0 || batch.dirty => Some((self.committed, crate::protocol::pg_epoch_micros_now())),
             None => None,
         };
         let Some((end_lsn, commit_time)) = last else {

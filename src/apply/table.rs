@@ -84,9 +84,14 @@ impl TableMap {
         let mut types = Vec::with_capacity(rel.columns.len());
         let mut unique = Vec::with_capacity(rel.columns.len());
         let mut overriding = false;
-        for col in &rel.columns {
+        let full_identity = rel.replica_identity == ReplicaIdentity::Full;
+        let mut missing = vec![false; rel.columns.len()];
+        for (i, col) in rel.columns.iter().enumerate() {
             let Some(t) = target_columns.iter().find(|t| t.name == col.name) else {
-                if skip_missing && !col.is_key {
+                // A real key column must exist; with REPLICA IDENTITY FULL every column is "key",
+                // and the others identify the row.
+                if skip_missing && (!col.is_key || full_identity) {
+                    missing[i] = true;
                     names.push(quote_ident(&col.name));
                     identity_always.push(false);
                     types.push(String::new());
@@ -107,12 +112,11 @@ impl TableMap {
                 columns.push(Some(quote_ident(&t.name)));
             }
         }
-        let full_identity = rel.replica_identity == ReplicaIdentity::Full;
         let key: Vec<usize> = rel
             .columns
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.is_key)
+            .filter(|(i, c)| c.is_key && !missing[*i])
             .map(|(i, _)| i)
             .collect();
         if key.is_empty() && !matches!(rel.replica_identity, ReplicaIdentity::Nothing) && !full_identity {
@@ -408,5 +412,9 @@ mod tests {
         // A missing key column is still an error.
         let r = rel(ReplicaIdentity::Default, &[("id", true), ("v", false)]);
         assert!(TableMap::resolve_lenient(&r, &[tcol("v", false)]).is_err());
+        // With REPLICA IDENTITY FULL the remaining columns identify the row.
+        let r = rel(ReplicaIdentity::Full, &[("a", true), ("gone", true), ("b", true)]);
+        let m = TableMap::resolve_lenient(&r, &[tcol("a", false), tcol("b", false)]).unwrap();
+        assert_eq!(m.key, vec![0, 2]);
     }
 }

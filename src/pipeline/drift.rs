@@ -46,6 +46,8 @@ pub(super) struct Paused {
     /// The source's latest Relation message for it: what the target must match.
     relation: Relation,
     raw: Bytes,
+    /// Why, as stored in `pgduplex.paused_tables`.
+    error: String,
     retry_at: Instant,
 }
 
@@ -73,7 +75,7 @@ impl State<'_> {
             let relation = self.decode_relation(&p.relation, Lsn::ZERO)?;
             warn!(direction = %self.label, table = %p.table, error = %p.error, "table paused (schema drift): its changes are held");
             self.set_paused_gauge(&p.table, true);
-            self.paused.insert(p.table, Paused { relation, raw: p.relation, retry_at: Instant::now() });
+            self.paused.insert(p.table, Paused { relation, raw: p.relation, error: p.error, retry_at: Instant::now() });
         }
         Ok(())
     }
@@ -95,12 +97,13 @@ impl State<'_> {
         let drift = self.applier.drift(&rel, &source).await.map_err(|e| self.apply_err(e))?;
         match drift {
             Some(error) => {
+                self.resume_wanted.retain(|t| *t != table);
                 if !self.paused.contains_key(&table) {
                     error!(direction = %self.label, table = %table, error = %error, "schema drift: table paused, its changes are held");
                     self.set_paused_gauge(&table, true);
                 }
                 self.applier.pause_table(&source, &table, &error, raw).await.map_err(|e| self.apply_err(e))?;
-                self.paused.insert(table, Paused { relation: rel, raw: raw.clone(), retry_at: Instant::now() });
+                self.paused.insert(table, Paused { relation: rel, raw: raw.clone(), error, retry_at: Instant::now() });
             }
             None => match self.paused.get_mut(&table) {
                 Some(p) => {
@@ -161,21 +164,25 @@ impl State<'_> {
     /// (the same ALTER TABLE may have run there) and resumes those that match now.
     pub(super) async fn recheck_paused(&mut self) -> Result<(), PipelineError> {
         let now = Instant::now();
-        let due: Vec<(String, Relation, Bytes)> = self
+        let due: Vec<(String, Relation, Bytes, String)> = self
             .paused
             .iter()
             .filter(|(_, p)| p.retry_at <= now)
-            .map(|(t, p)| (t.clone(), p.relation.clone(), p.raw.clone()))
+            .map(|(t, p)| (t.clone(), p.relation.clone(), p.raw.clone(), p.error.clone()))
             .collect();
         let source = self.direction.source.to_string();
-        for (table, rel, raw) in due {
+        for (table, rel, raw, stored) in due {
             match self.applier.drift(&rel, &source).await.map_err(|e| self.apply_err(e))? {
                 None => self.resume(&table).await?,
-                Some(error) => {
-                    // Keep the stored reason current (the target may have changed otherwise).
+                Some(error) if error != stored => {
+                    // Keep the stored reason current (the target changed, but not enough).
                     self.applier.pause_table(&source, &table, &error, &raw).await.map_err(|e| self.apply_err(e))?;
                     self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
+                    if let Some(p) = self.paused.get_mut(&table) {
+                        p.error = error;
+                    }
                 }
+                Some(_) => {}
             }
         }
         Ok(())
@@ -187,6 +194,10 @@ impl State<'_> {
     async fn resume(&mut self, table: &str) -> Result<(), PipelineError> {
         let Some(p) = self.paused.get(table) else { return Ok(()) };
         let latest = p.relation.clone();
+        let source = self.direction.source.to_string();
+        if self.applier.drift(&latest, &source).await.map_err(|e| self.apply_err(e))?.is_some() {
+            return Ok(());
+        }
         self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
         self.applier.settle().await.map_err(|e| self.apply_err(e))?;
         let replayed = match self.replay(table, &latest).await {
@@ -214,6 +225,8 @@ impl State<'_> {
     async fn replay(&mut self, table: &str, latest: &Relation) -> Result<u64, PipelineError> {
         let source = self.direction.source.to_string();
         let two_way = self.pairer.is_some();
+        // The target's table changed since its facts were cached.
+        self.applier.forget_two_way_table(table);
         // Columns dropped on both nodes since a change was held are left out of it.
         let target: HashSet<String> = self
             .applier
@@ -273,6 +286,7 @@ impl State<'_> {
         if let Some((lsn, pairer)) = group.take() {
             self.apply_group(lsn, pairer, &target).await?;
         }
+        self.applier.check_deferred_constraints().await.map_err(|e| self.apply_err(e))?;
         self.applier.end_pause(&source, table, after).await.map_err(|e| self.apply_err(e))?;
         if two_way {
             self.applier.forget_two_way_table(table);

@@ -550,14 +550,15 @@ impl State<'_> {
                     ));
                 }
                 if wanted {
+                    // TRUNCATE takes an ACCESS EXCLUSIVE lock: keep it out of a batch with earlier
+                    // source transactions (possible when it is its transaction's first change, so
+                    // nothing of this transaction is in the batch yet).
+                    if self.open.as_ref().is_some_and(|t| t.changes == 1) && self.applier.batch_open() {
+                        self.applier.commit_batch().await.map_err(|e| a(self, e))?;
+                    }
                     // Paused tables' part is held; the rest is applied.
                     let tr = self.hold_truncate(tr, data).await?;
                     if !tr.relation_oids.is_empty() {
-                        // TRUNCATE takes an ACCESS EXCLUSIVE lock: keep it out of a batch with earlier
-                        // source transactions (possible when it is its transaction's first change).
-                        if self.open.as_ref().is_some_and(|t| t.changes == 1) && self.applier.batch_open() {
-                            self.applier.commit_batch().await.map_err(|e| a(self, e))?;
-                        }
                         self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
                         self.applier.truncate(&tr).await.map_err(|e| a(self, e))?;
                     }
