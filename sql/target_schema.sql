@@ -44,3 +44,15 @@ CREATE TABLE IF NOT EXISTS pgduplex.paused_changes (
     message bytea NOT NULL
 );
 CREATE INDEX IF NOT EXISTS paused_changes_table ON pgduplex.paused_changes (source_node, table_name, id);
+
+-- Tables added to an established direction (`init --copy-from` again, DESIGN §7: their own
+-- temporary slot and snapshot). While `lsn` is NULL the table is being copied: `run` holds its
+-- changes (in pgduplex.paused_changes). Once set to the snapshot's consistent point, the held
+-- changes and the stream's changes of transactions that committed before it are skipped (the
+-- copy has them), the others applied; the row goes once the origin is past it.
+CREATE TABLE IF NOT EXISTS pgduplex.table_sync (
+    source_node text NOT NULL,
+    table_name text NOT NULL,
+    lsn pg_lsn,
+    PRIMARY KEY (source_node, table_name)
+);

@@ -505,3 +505,75 @@ async fn schema_drift_pauses_one_table_until_the_target_matches() {
     run.stop();
     setup.teardown();
 }
+
+/// A table added to an established direction (DESIGN §7): `init --copy-from` again copies only
+/// the new table, from a snapshot of its own, while `run` streams and the source keeps writing
+/// to it; `run` holds its changes during the copy, then skips those the copy has and applies the
+/// others, in order. `verify` then finds the nodes identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_later_is_copied_while_replication_runs() {
+    let a = Node::fresh(shared_cluster(PgVersion::V15), "ad_a").await;
+    let b = Node::fresh(shared_cluster(PgVersion::V18), "ad_b").await;
+    for n in [&a, &b] {
+        n.client().await.batch_execute("CREATE TABLE first (id int PRIMARY KEY, v text)").await.unwrap();
+    }
+    a.client().await.batch_execute("INSERT INTO first SELECT g, 'v' FROM generate_series(1, 100) g").await.unwrap();
+    let setup = Setup::new(&a, &b, &["public.*"], "");
+    command_ok(&setup, &["init", "--copy-from", &a.name]);
+    let mut run = setup.run();
+    let timeout = std::time::Duration::from_secs(60);
+    setup.wait_converged(&["first"], timeout).await;
+
+    for n in [&a, &b] {
+        n.client().await.batch_execute("CREATE TABLE late (id int PRIMARY KEY, v text, n int NOT NULL)").await.unwrap();
+    }
+    a.client().await.batch_execute("INSERT INTO late SELECT g, 'v', 0 FROM generate_series(1, 200000) g").await.unwrap();
+    let again = command_ok(&setup, &["init", "--dry-run", "--copy-from", &a.name]);
+    assert!(again.contains("would add 1 table(s)") && again.contains("public.late"), "{again}");
+
+    // Writes to the new table (and the old one) before, during and after its copy.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = a.client().await;
+            let mut i: i64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || i < 50 {
+                c.batch_execute(&format!(
+                    "BEGIN; UPDATE late SET n = n + 1 WHERE id = {u}; INSERT INTO late VALUES ({ins}, 'new', 0); \
+                     DELETE FROM late WHERE id = {del}; INSERT INTO first VALUES ({f}, 'w'); COMMIT",
+                    u = i * 7919 % 200_000 + 1,
+                    ins = 300_000 + i,
+                    del = i * 13 % 200_000 + 1,
+                    f = 1000 + i
+                ))
+                .await
+                .expect("writer");
+                i += 1;
+            }
+            i
+        })
+    };
+    let added = command_ok(&setup, &["init", "--copy-from", &a.name]);
+    assert!(added.contains("added 1 table(s)") && added.contains("public.late"), "{added}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.expect("writer task");
+    setup.wait_converged(&["late", "first"], timeout).await;
+    assert_eq!(count(&b, "SELECT count(*) FROM late WHERE v = 'new'").await, writes, "every insert of the writer, once");
+    support::wait_until("the addition of late ends", timeout, || {
+        let b = b.clone();
+        async move { count(&b, "SELECT count(*) FROM pgduplex.table_sync").await == 0 }
+    })
+    .await;
+    assert_eq!(count(&b, "SELECT count(*) FROM pgduplex.paused_changes").await, 0);
+    let log = run.log_text();
+    let line = log.lines().find(|l| l.contains("added table copied")).unwrap_or_else(|| panic!("run did not replay the held changes: {log}"));
+    eprintln!("{writes} writer transactions; {line}");
+    let out = setup.command(&["verify"]);
+    assert_eq!(out.status.code(), Some(0), "verify: {}", String::from_utf8_lossy(&out.stdout));
+    // Nothing left to add.
+    let nothing = command_ok(&setup, &["init", "--copy-from", &a.name]);
+    assert!(nothing.contains("nothing to copy"), "{nothing}");
+    run.stop();
+    setup.teardown();
+}

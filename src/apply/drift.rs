@@ -161,6 +161,43 @@ impl Applier {
             .collect())
     }
 
+    /// Tables being added to this direction (`init --copy-from` on an established setup):
+    /// `None` while copying, else the copy's consistent point.
+    pub async fn table_sync(&mut self, source: &str) -> Result<Vec<(String, Option<Lsn>)>, ApplyError> {
+        self.settle().await?;
+        let rows = self
+            .client
+            .query("SELECT table_name, lsn::text FROM pgduplex.table_sync WHERE source_node = $1", &[&source])
+            .await
+            .map_err(self.db_err("cannot read pgduplex.table_sync (run `pgduplex init` again to add it)"))?;
+        rows.iter()
+            .map(|r| {
+                let table: String = r.get(0);
+                let lsn: Option<String> = r.get(1);
+                let lsn = lsn
+                    .map(|l| {
+                        l.parse().map_err(|_| ApplyError::BadChange { table: table.clone(), message: format!("pgduplex.table_sync has LSN {l:?}") })
+                    })
+                    .transpose()?;
+                Ok((table, lsn))
+            })
+            .collect()
+    }
+
+    /// Ends the addition of `table`: the stream is past its copy (in the open batch).
+    pub async fn end_table_sync(&mut self, source: &str, table: &str) -> Result<(), ApplyError> {
+        self.begin_if_needed().await?;
+        self.settle().await?;
+        if let Some(b) = &mut self.batch {
+            b.dirty = true;
+        }
+        self.client
+            .execute("DELETE FROM pgduplex.table_sync WHERE source_node = $1 AND table_name = $2", &[&source, &table])
+            .await
+            .map_err(self.db_err(format!("cannot remove {table} from pgduplex.table_sync")))?;
+        Ok(())
+    }
+
     /// Up to `limit` held changes of `table` after id `after`, in order. Waits for the pipeline
     /// first (so changes held in the open batch are visible).
     pub async fn held_changes(&mut self, source: &str, table: &str, after: i64, limit: i64) -> Result<Vec<HeldChange>, ApplyError> {

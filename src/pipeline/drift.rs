@@ -39,6 +39,19 @@ pub(super) struct SourceRelation {
     pub table: String,
     /// The message as received: held changes are stored with it.
     pub raw: Bytes,
+    /// A two-way versions table's relation.
+    pub versions: bool,
+}
+
+/// A table being added to the direction (see `pgduplex.table_sync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sync {
+    /// `init` is copying it: its changes are held.
+    Copying,
+    /// Copied at the snapshot of `lsn`: changes of transactions that committed before it are
+    /// skipped (the copy has them). Until `replayed`, later ones are still held, so that the
+    /// held ones go first.
+    Copied { lsn: Lsn, replayed: bool },
 }
 
 /// A paused table.
@@ -77,7 +90,63 @@ impl State<'_> {
             self.set_paused_gauge(&p.table, true);
             self.paused.insert(p.table, Paused { relation, raw: p.relation, error: p.error, retry_at: Instant::now() });
         }
+        self.refresh_syncing().await
+    }
+
+    /// Reads the tables being added (`pgduplex.table_sync`) into `syncing`.
+    async fn refresh_syncing(&mut self) -> Result<(), PipelineError> {
+        let source = self.direction.source.to_string();
+        let rows = self.applier.table_sync(&source).await.map_err(|e| self.apply_err(e))?;
+        let before = std::mem::take(&mut self.syncing);
+        for (table, lsn) in rows {
+            let state = match (lsn, before.get(&table)) {
+                (None, _) => Sync::Copying,
+                (Some(lsn), Some(&Sync::Copied { lsn: l, replayed })) if l == lsn => Sync::Copied { lsn, replayed },
+                (Some(lsn), _) => Sync::Copied { lsn, replayed: false },
+            };
+            self.syncing.insert(table, state);
+        }
         Ok(())
+    }
+
+    /// Between source transactions: picks up tables `init` started or finished copying;
+    /// replays the held changes of a copied one (skipping what the copy has), and forgets it
+    /// once the origin is past its copy.
+    pub(super) async fn recheck_syncing(&mut self) -> Result<(), PipelineError> {
+        self.refresh_syncing().await?;
+        let source = self.direction.source.to_string();
+        let tables: Vec<(String, Sync)> = self.syncing.iter().map(|(t, s)| (t.clone(), *s)).collect();
+        for (table, state) in tables {
+            let Sync::Copied { lsn, replayed } = state else { continue };
+            if self.paused.contains_key(&table) {
+                // Paused for drift as well: its resumption replays (with the same skipping).
+                continue;
+            }
+            if !replayed {
+                self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
+                self.applier.settle().await.map_err(|e| self.apply_err(e))?;
+                let latest = self.stream_relation(&table)?;
+                let replayed = self.replay(&table, latest.as_ref()).await?;
+                self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
+                self.applier.settle().await.map_err(|e| self.apply_err(e))?;
+                self.syncing.insert(table.clone(), Sync::Copied { lsn, replayed: true });
+                info!(direction = %self.label, table, replayed, copied_at = %lsn, "added table copied: its held changes were replayed, it streams now");
+            }
+            if self.applier.committed_lsn() >= lsn {
+                self.applier.end_table_sync(&source, &table).await.map_err(|e| self.apply_err(e))?;
+                self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
+                self.syncing.remove(&table);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream's latest Relation message of a data table, if one came in this session.
+    fn stream_relation(&self, table: &str) -> Result<Option<Relation>, PipelineError> {
+        match self.relations.values().find(|r| r.table == table && !r.versions) {
+            Some(r) => Ok(Some(self.decode_relation(&r.raw, Lsn::ZERO)?)),
+            None => Ok(None),
+        }
     }
 
     /// A Relation message: remembered, and checked against the target (pausing the table, or
@@ -85,13 +154,17 @@ impl State<'_> {
     pub(super) async fn on_relation(&mut self, rel: Relation, raw: &Bytes) -> Result<(), PipelineError> {
         let versions = self.pairer.is_some() && rel.namespace == super::pair::VERSIONS_SCHEMA;
         let table = if versions { rel.name.clone() } else { format!("{}.{}", rel.namespace, rel.name) };
-        self.relations.insert(rel.oid, SourceRelation { table: table.clone(), raw: raw.clone() });
+        self.relations.insert(rel.oid, SourceRelation { table: table.clone(), raw: raw.clone(), versions });
         if let Some(pairer) = &mut self.pairer {
             pairer.relation(&rel);
             self.applier.forget_two_way_table(&table);
         }
         if versions {
             return Ok(());
+        }
+        if !self.syncing.contains_key(&table) {
+            // A table just added to the publication: `init` may be copying it.
+            self.refresh_syncing().await?;
         }
         let source = self.direction.source.to_string();
         let drift = self.applier.drift(&rel, &source).await.map_err(|e| self.apply_err(e))?;
@@ -122,16 +195,22 @@ impl State<'_> {
     }
 
     /// Holds a change of a paused table (returns true), or leaves it to the caller.
+    /// Also drops (returns true) a change of an added table that its copy already has.
     pub(super) async fn held(&mut self, oid: u32, raw: &Bytes) -> Result<bool, PipelineError> {
-        if self.paused.is_empty() {
+        if self.paused.is_empty() && self.syncing.is_empty() {
             return Ok(false);
         }
         let Some(r) = self.relations.get(&oid) else { return Ok(false) };
-        if !self.paused.contains_key(&r.table) {
+        let commit_lsn = self.open.as_ref().map_or(Lsn::ZERO, |t| t.final_lsn);
+        let hold = match self.syncing.get(&r.table) {
+            Some(Sync::Copied { lsn, .. }) if commit_lsn < *lsn => return Ok(true),
+            Some(Sync::Copying | Sync::Copied { replayed: false, .. }) => true,
+            _ => self.paused.contains_key(&r.table),
+        };
+        if !hold {
             return Ok(false);
         }
         let (table, relation) = (r.table.clone(), r.raw.clone());
-        let commit_lsn = self.open.as_ref().map_or(Lsn::ZERO, |t| t.final_lsn);
         let source = self.direction.source.to_string();
         self.applier
             .hold_change(&source, &table, commit_lsn, &relation, raw)
@@ -193,6 +272,10 @@ impl State<'_> {
     /// tried again later.
     async fn resume(&mut self, table: &str) -> Result<(), PipelineError> {
         let Some(p) = self.paused.get(table) else { return Ok(()) };
+        if matches!(self.syncing.get(table), Some(Sync::Copying | Sync::Copied { replayed: false, .. })) {
+            // Still being added: its copy's completion replays.
+            return Ok(());
+        }
         let latest = p.relation.clone();
         let source = self.direction.source.to_string();
         if self.applier.drift(&latest, &source).await.map_err(|e| self.apply_err(e))?.is_some() {
@@ -200,7 +283,7 @@ impl State<'_> {
         }
         self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
         self.applier.settle().await.map_err(|e| self.apply_err(e))?;
-        let replayed = match self.replay(table, &latest).await {
+        let replayed = match self.replay(table, Some(&latest)).await {
             Ok(n) => n,
             Err(e) => {
                 warn!(direction = %self.label, table, error = %e, retry_in = ?REPLAY_RETRY,
@@ -222,20 +305,29 @@ impl State<'_> {
 
     /// Applies the held changes of `table` in order and removes them and the pause, in the
     /// open batch; returns how many there were.
-    async fn replay(&mut self, table: &str, latest: &Relation) -> Result<u64, PipelineError> {
+    async fn replay(&mut self, table: &str, latest: Option<&Relation>) -> Result<u64, PipelineError> {
         let source = self.direction.source.to_string();
         let two_way = self.pairer.is_some();
         // The target's table changed since its facts were cached.
         self.applier.forget_two_way_table(table);
         // Columns dropped on both nodes since a change was held are left out of it.
-        let target: HashSet<String> = self
-            .applier
-            .target_columns(&latest.namespace, &latest.name)
-            .await
-            .map_err(|e| self.apply_err(e))?
-            .into_iter()
-            .map(|c| c.name)
-            .collect();
+        let target: HashSet<String> = match latest {
+            Some(latest) => self
+                .applier
+                .target_columns(&latest.namespace, &latest.name)
+                .await
+                .map_err(|e| self.apply_err(e))?
+                .into_iter()
+                .map(|c| c.name)
+                .collect(),
+            None if two_way => return Err(self.violation(Lsn::ZERO, format!("no Relation message for {table} to replay its held changes"))),
+            None => HashSet::new(),
+        };
+        // An added table's copy has the changes of transactions that committed before it.
+        let skip_before = match self.syncing.get(table) {
+            Some(Sync::Copied { lsn, .. }) => Some(*lsn),
+            _ => None,
+        };
         self.applier.begin_if_needed().await.map_err(|e| self.apply_err(e))?;
         let mut after = 0i64;
         let mut count = 0u64;
@@ -248,6 +340,9 @@ impl State<'_> {
             }
             for h in page {
                 after = h.id;
+                if skip_before.is_some_and(|l| h.commit_lsn < l) {
+                    continue;
+                }
                 count += 1;
                 let rel = self.decode_relation(&h.relation, h.commit_lsn)?;
                 let msg = self.decode(&h.message, h.commit_lsn)?;
@@ -290,7 +385,7 @@ impl State<'_> {
         self.applier.end_pause(&source, table, after).await.map_err(|e| self.apply_err(e))?;
         if two_way {
             self.applier.forget_two_way_table(table);
-        } else {
+        } else if let Some(latest) = latest {
             self.applier.relation(latest).await.map_err(|e| self.apply_err(e))?;
         }
         Ok(count)

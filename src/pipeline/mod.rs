@@ -182,6 +182,8 @@ struct State<'a> {
     paused: HashMap<String, drift::Paused>,
     /// Paused tables to resume once the open transaction is done (their Relation matched).
     resume_wanted: Vec<String>,
+    /// Tables being added to the direction (`init --copy-from` on an established setup).
+    syncing: HashMap<String, drift::Sync>,
     next_drift_check: Instant,
 }
 
@@ -329,6 +331,7 @@ async fn stream_once(
         relations: HashMap::new(),
         paused: HashMap::new(),
         resume_wanted: Vec::new(),
+        syncing: HashMap::new(),
         next_drift_check: Instant::now(),
     };
     st.load_paused().await?;
@@ -412,6 +415,9 @@ async fn stream_once(
                 st.next_drift_check = now + drift::DRIFT_CHECK_INTERVAL;
                 if !st.paused.is_empty() {
                     st.recheck_paused().await?;
+                }
+                if !st.syncing.is_empty() {
+                    st.recheck_syncing().await?;
                 }
             }
         }

@@ -125,7 +125,11 @@ pub async fn reset_interrupted(d: &Direction, source: &Client, target: &Client, 
 /// Creates the slot of `d` with an exported snapshot and copies every table (and, two-way, its
 /// versions table) from the source at that snapshot, `jobs` tables at a time; then sets the
 /// target origin to the slot's consistent point.
-pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: usize) -> Result<CopyReport, SetupError> {
+///
+/// With `added`, the direction is established (its slot streams already) and `tables` are being
+/// added to it: the snapshot comes from a temporary slot of its own and the origin is left
+/// alone; the caller records the consistent point in `pgduplex.table_sync`.
+pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: usize, added: bool) -> Result<CopyReport, SetupError> {
     let (src, tgt) = (d.source.as_str(), d.target.as_str());
     let source_cfg = config.node(&d.source);
     let target_cfg = config.node(&d.target);
@@ -150,26 +154,29 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
     params.tls_mode = source_cfg.tls.mode;
     params.tls_config = source_cfg.tls_config.clone();
     let mut repl = ReplicationClient::connect(&params).await.map_err(|e| SetupError::Usage(format!("node {src}: {e}")))?;
-    let slot = repl.create_logical_slot(&d.slot_name(), false, SnapshotAction::Export).await.map_err(|e| {
+    // A temporary slot vanishes with this connection, however the copy ends.
+    let slot_name = if added { format!("{}_add_{}", d.slot_name(), std::process::id()) } else { d.slot_name() };
+    let slot = repl.create_logical_slot(&slot_name, added, SnapshotAction::Export).await.map_err(|e| {
         SetupError::Usage(format!(
-            "node {src}: cannot create replication slot {} for the copy: {e} (if it is left from an earlier init, run `pgduplex teardown` first)",
-            d.slot_name()
+            "node {src}: cannot create replication slot {slot_name} for the copy: {e} (if it is left from an earlier init, run `pgduplex teardown` first)"
         ))
     })?;
-    // From here on a re-run of init starts the copy over: the slot exists and the tables may
-    // hold part of the copy.
-    target
-        .execute(
-            "INSERT INTO pgduplex.copy_state (source_node, started_at) VALUES ($1, now()) \
-             ON CONFLICT (source_node) DO UPDATE SET started_at = now(), finished_at = NULL",
-            &[&src],
-        )
-        .await
-        .map_err(|e| DbError::new(tgt, "cannot record the copy in pgduplex.copy_state", e))?;
+    if !added {
+        // From here on a re-run of init starts the copy over: the slot exists and the tables may
+        // hold part of the copy.
+        target
+            .execute(
+                "INSERT INTO pgduplex.copy_state (source_node, started_at) VALUES ($1, now()) \
+                 ON CONFLICT (source_node) DO UPDATE SET started_at = now(), finished_at = NULL",
+                &[&src],
+            )
+            .await
+            .map_err(|e| DbError::new(tgt, "cannot record the copy in pgduplex.copy_state", e))?;
+    }
     let snapshot = slot
         .snapshot_name
         .clone()
-        .ok_or_else(|| SetupError::Usage(format!("node {src}: the server exported no snapshot for slot {}", d.slot_name())))?;
+        .ok_or_else(|| SetupError::Usage(format!("node {src}: the server exported no snapshot for slot {slot_name}")))?;
     tracing::info!(slot = %slot.slot_name, consistent_point = %slot.consistent_point, %snapshot, tables = items.len(), jobs, "copying");
 
     let progress = Arc::new(Mutex::new(Progress {
@@ -219,6 +226,12 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
             joined = workers.join_next() => match joined {
                 None => break,
                 Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) if added => {
+                    return Err(SetupError::Usage(format!(
+                        "{e}\nthe copy of the added table(s) stopped; `pgduplex run` holds their changes meanwhile: run \
+                         `pgduplex init --copy-from {src}` again to copy them over"
+                    )));
+                }
                 Some(Ok(Err(e))) => {
                     return Err(SetupError::Usage(format!(
                         "{e}\nthe copy stopped; replication slot {} on node {src} now retains WAL: run `pgduplex init --copy-from {src}` again to start the copy over, or `pgduplex teardown`",
@@ -250,6 +263,14 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
         eprintln!();
     }
     drop(repl);
+    if added {
+        let p = progress.lock().map_err(|_| SetupError::Usage("copy progress lost".into()))?;
+        return Ok(CopyReport {
+            consistent_point: slot.consistent_point,
+            tables: p.tables.iter().map(|(t, r, b, _)| (t.clone(), *r, *b)).collect(),
+            elapsed: started.elapsed(),
+        });
+    }
 
     // Streaming starts exactly where the snapshot ends.
     let origin = d.origin_name();

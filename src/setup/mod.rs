@@ -87,6 +87,18 @@ pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, Set
             problems.append(&mut check_two_way_node(d.source.as_str(), source, d.target.as_str(), target, tables).await?);
         }
     }
+    // --copy-from on an established direction (its slot exists, its initial copy, if any,
+    // finished): copy the tables not replicated yet (DESIGN §7, tables added later).
+    if let Some(from) = &opts.copy_from
+        && let Some((d, source, target, tables)) = plans.iter().find(|(d, ..)| &d.source == from)
+        && slot_exists(source, d).await?
+        && !copy::unfinished_copy(target, d.target.as_str(), d.source.as_str()).await?
+    {
+        if !problems.is_empty() {
+            return Err(SetupError::Prerequisites(problems));
+        }
+        return add_tables(config, opts, d, source, target, tables, report).await;
+    }
     // An interrupted copy leaves its tables half full: only init --copy-from may go on.
     for (d, _, target, _) in &plans {
         if opts.copy_from.as_ref() != Some(&d.source) && copy::unfinished_copy(target, d.target.as_str(), d.source.as_str()).await? {
@@ -189,7 +201,7 @@ pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, Set
         }
         install_direction(&d, &source, &target, &tables, config.two_way(), !copying, &mut report).await?;
         if copying {
-            let r = copy::copy(config, &d, &tables, opts.jobs).await?;
+            let r = copy::copy(config, &d, &tables, opts.jobs, false).await?;
             let (rows, bytes): (u64, u64) = r.tables.iter().fold((0, 0), |(r0, b0), (_, r, b)| (r0 + r, b0 + b));
             let secs = r.elapsed.as_secs_f64().max(0.001);
             report.lines.push(format!(
@@ -205,6 +217,129 @@ pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, Set
             ));
         }
     }
+    Ok(report)
+}
+
+async fn slot_exists(source: &Client, d: &Direction) -> Result<bool, DbError> {
+    Ok(source
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&d.slot_name()])
+        .await
+        .map_err(|e| DbError::new(d.source.as_str(), "cannot read pg_replication_slots", e))?
+        .is_some())
+}
+
+/// `init --copy-from` on an established direction: adds the selected tables its publication
+/// lacks (and those whose addition was interrupted), copying them from a snapshot of their own
+/// while `run` holds their changes (see `pipeline::drift`), then records the snapshot's
+/// consistent point so that `run` skips what the copy has and applies the rest.
+async fn add_tables(
+    config: &Config,
+    opts: &InitOptions,
+    d: &Direction,
+    source: &Client,
+    target: &Client,
+    tables: &[SourceTable],
+    mut report: InitReport,
+) -> Result<InitReport, SetupError> {
+    let (src, tgt) = (d.source.as_str(), d.target.as_str());
+    if config.two_way() {
+        return Err(SetupError::Usage(format!(
+            "replication from node {src} is set up already; copying tables added since is supported one way only: for two-way, \
+             create the new table empty on both nodes and run `pgduplex init` without --copy-from (before the applications write to it)"
+        )));
+    }
+    if !opts.dry_run {
+        target.batch_execute(TARGET_SCHEMA_SQL).await.map_err(|e| DbError::new(tgt, "cannot install the pgduplex schema", e))?;
+    }
+    let publication = d.publication_name();
+    let published: Vec<(String, String)> = source
+        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(|e| DbError::new(src, format!("cannot read the tables of publication {publication}"), e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let interrupted: Vec<String> = target
+        .query("SELECT table_name FROM pgduplex.table_sync WHERE source_node = $1 AND lsn IS NULL", &[&src])
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default();
+    let qualified = |t: &SourceTable| format!("{}.{}", t.schema, t.name);
+    let added: Vec<SourceTable> = tables
+        .iter()
+        .filter(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name) || interrupted.contains(&qualified(t)))
+        .cloned()
+        .collect();
+    if added.is_empty() {
+        report.lines.push(format!(
+            "replication {} -> {} is set up and every selected table is replicated: nothing to copy \
+             (to start over: `pgduplex teardown`, empty node {tgt}, `pgduplex init --copy-from {src}`)",
+            src, tgt
+        ));
+        return Ok(report);
+    }
+    let fresh: Vec<SourceTable> = added.iter().filter(|t| !interrupted.contains(&qualified(t))).cloned().collect();
+    let full = copy::non_empty_tables(target, tgt, &fresh).await?;
+    if !full.is_empty() {
+        return Err(SetupError::Prerequisites(vec![Problem {
+            node: tgt.to_string(),
+            what: format!("table(s) {} are to be added to replication from node {src} but already hold rows here", full.join(", ")),
+            fix: format!("empty them on node {tgt} (the copy fills them), or run init without --copy-from if they already hold the same rows as node {src}"),
+        }]));
+    }
+    let names: Vec<String> = added.iter().map(qualified).collect();
+    if opts.dry_run {
+        report.lines.push(format!(
+            "all prerequisites are met; init would add {} table(s) to replication {src} -> {tgt} and copy them from node {src}: {}",
+            added.len(),
+            names.join(", ")
+        ));
+        return Ok(report);
+    }
+    // From here `run` holds the added tables' changes until their copy is done.
+    for name in &names {
+        target
+            .execute(
+                "INSERT INTO pgduplex.table_sync (source_node, table_name) VALUES ($1, $2) \
+                 ON CONFLICT (source_node, table_name) DO UPDATE SET lsn = NULL",
+                &[&src, name],
+            )
+            .await
+            .map_err(|e| DbError::new(tgt, format!("cannot record {name} in pgduplex.table_sync"), e))?;
+    }
+    let restarted: Vec<String> = added
+        .iter()
+        .filter(|t| interrupted.contains(&qualified(t)))
+        .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+        .collect();
+    if !restarted.is_empty() {
+        target
+            .batch_execute(&format!("SET session_replication_role = replica; TRUNCATE {}; RESET session_replication_role", restarted.join(", ")))
+            .await
+            .map_err(|e| DbError::new(tgt, "cannot empty the tables of the interrupted copy", e))?;
+        report.lines.push(format!("node {tgt}: an interrupted copy of {} was emptied to start over", restarted.join(", ")));
+    }
+    install_direction(d, source, target, tables, false, true, &mut report).await?;
+    let r = copy::copy(config, d, &added, opts.jobs, true).await?;
+    for name in &names {
+        target
+            .execute(
+                "UPDATE pgduplex.table_sync SET lsn = $3::text::pg_lsn WHERE source_node = $1 AND table_name = $2",
+                &[&src, name, &r.consistent_point.to_string()],
+            )
+            .await
+            .map_err(|e| DbError::new(tgt, format!("cannot record the copy of {name} in pgduplex.table_sync"), e))?;
+    }
+    let (rows, bytes): (u64, u64) = r.tables.iter().fold((0, 0), |(r0, b0), (_, r, b)| (r0 + r, b0 + b));
+    report.lines.push(format!(
+        "node {src} -> node {tgt}: added {} table(s) ({}), copied {rows} rows, {:.1} MB in {:.1} s at {}; `pgduplex run` \
+         applies their changes from there (changes made meanwhile were held)",
+        added.len(),
+        names.join(", "),
+        bytes as f64 / 1e6,
+        r.elapsed.as_secs_f64(),
+        r.consistent_point
+    ));
     Ok(report)
 }
 
