@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use super::{ApplyError, Applier, Completion, StatementKey, TableMap, TargetColumn, TARGET_COLUMNS_SQL};
+use super::{ApplyError, Applier, Completion, StatementKey, TargetColumn, TARGET_COLUMNS_SQL};
 use crate::db::DbError;
 use crate::lsn::Lsn;
 use crate::pgoutput::Relation;
@@ -251,13 +251,7 @@ impl Applier {
     /// Matches a held change's relation for replay: source columns the target lacks are left
     /// out (they were dropped on the source since, or replay would not have started).
     pub async fn replay_relation(&mut self, rel: &Relation) -> Result<(), ApplyError> {
-        self.flush_pending().await?;
-        self.drain().await?;
-        let cols = self.target_columns(&rel.namespace, &rel.name).await?;
-        let map = TableMap::resolve_lenient(rel, &cols)?;
-        self.statements.retain(|k, _| k.relation != rel.oid);
-        self.tables.insert(rel.oid, map);
-        Ok(())
+        self.match_relation(rel, true).await
     }
 
     /// Sends whatever is buffered and waits for every pipelined statement: errors of earlier

@@ -322,10 +322,15 @@ impl Applier {
 
     /// A Relation message: (re)matches the source relation against the target's catalog.
     pub async fn relation(&mut self, rel: &Relation) -> Result<(), ApplyError> {
-        self.flush_pending().await?;
-        self.drain().await?;
+        self.match_relation(rel, false).await
+    }
+
+    /// [`Applier::relation`]; `lenient` for replaying held changes (see
+    /// [`TableMap::resolve_lenient`]).
+    async fn match_relation(&mut self, rel: &Relation, lenient: bool) -> Result<(), ApplyError> {
+        // (target_columns waits for the pipeline first.)
         let cols = self.target_columns(&rel.namespace, &rel.name).await?;
-        let map = TableMap::resolve(rel, &cols)?;
+        let map = if lenient { TableMap::resolve_lenient(rel, &cols)? } else { TableMap::resolve(rel, &cols)? };
         self.statements.retain(|k, _| k.relation != rel.oid);
         self.tables.insert(rel.oid, map);
         Ok(())
