@@ -123,10 +123,23 @@ impl State<'_> {
                 continue;
             }
             if !replayed {
+                if self.sync_retry_at.is_some_and(|at| Instant::now() < at) {
+                    continue;
+                }
                 self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
                 self.applier.settle().await.map_err(|e| self.apply_err(e))?;
                 let latest = self.stream_relation(&table)?;
-                let replayed = self.replay(&table, latest.as_ref()).await?;
+                let replayed = match self.replay(&table, latest.as_ref()).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Rolled back whole: the changes stay held; the other tables go on.
+                        warn!(direction = %self.label, table, error = %e, retry_in = ?REPLAY_RETRY,
+                            "cannot replay the held changes of an added table yet");
+                        self.applier.rollback_batch().await.map_err(|e| self.apply_err(e))?;
+                        self.sync_retry_at = Some(Instant::now() + REPLAY_RETRY);
+                        continue;
+                    }
+                };
                 self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;
                 self.applier.settle().await.map_err(|e| self.apply_err(e))?;
                 self.syncing.insert(table.clone(), Sync::Copied { lsn, replayed: true });
@@ -272,8 +285,9 @@ impl State<'_> {
     /// tried again later.
     async fn resume(&mut self, table: &str) -> Result<(), PipelineError> {
         let Some(p) = self.paused.get(table) else { return Ok(()) };
-        if matches!(self.syncing.get(table), Some(Sync::Copying | Sync::Copied { replayed: false, .. })) {
-            // Still being added: its copy's completion replays.
+        if self.syncing.get(table) == Some(&Sync::Copying) {
+            // Still being copied: nothing of it may be applied yet (replay skips what a
+            // finished copy has).
             return Ok(());
         }
         let latest = p.relation.clone();

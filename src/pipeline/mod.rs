@@ -184,6 +184,8 @@ struct State<'a> {
     resume_wanted: Vec<String>,
     /// Tables being added to the direction (`init --copy-from` on an established setup).
     syncing: HashMap<String, drift::Sync>,
+    /// After a failed replay of an added table: not before this.
+    sync_retry_at: Option<Instant>,
     next_drift_check: Instant,
 }
 
@@ -332,6 +334,7 @@ async fn stream_once(
         paused: HashMap::new(),
         resume_wanted: Vec::new(),
         syncing: HashMap::new(),
+        sync_retry_at: None,
         next_drift_check: Instant::now(),
     };
     st.load_paused().await?;

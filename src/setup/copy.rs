@@ -157,9 +157,15 @@ pub async fn copy(config: &Config, d: &Direction, tables: &[SourceTable], jobs: 
     // A temporary slot vanishes with this connection, however the copy ends.
     let slot_name = if added { format!("{}_add_{}", d.slot_name(), std::process::id()) } else { d.slot_name() };
     let slot = repl.create_logical_slot(&slot_name, added, SnapshotAction::Export).await.map_err(|e| {
-        SetupError::Usage(format!(
-            "node {src}: cannot create replication slot {slot_name} for the copy: {e} (if it is left from an earlier init, run `pgduplex teardown` first)"
-        ))
+        SetupError::Usage(if added {
+            format!(
+                "node {src}: cannot create the temporary replication slot {slot_name} for copying the added tables: {e} \
+                 (it needs a free replication slot and WAL sender: max_replication_slots, max_wal_senders); `pgduplex run` \
+                 holds the added tables' changes until `pgduplex init --copy-from {src}` succeeds"
+            )
+        } else {
+            format!("node {src}: cannot create replication slot {slot_name} for the copy: {e} (if it is left from an earlier init, run `pgduplex teardown` first)")
+        })
     })?;
     if !added {
         // From here on a re-run of init starts the copy over: the slot exists and the tables may

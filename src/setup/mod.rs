@@ -220,6 +220,20 @@ pub async fn init(config: &Config, opts: &InitOptions) -> Result<InitReport, Set
     Ok(report)
 }
 
+/// PostgreSQL minor releases without the fix that distributes catalog invalidations to the
+/// transactions being decoded (May 2025 releases).
+fn invalidation_bug(server_version_num: i32) -> bool {
+    let (major, minor) = (server_version_num / 10000, server_version_num % 10000);
+    match major {
+        13 => minor < 21,
+        14 => minor < 18,
+        15 => minor < 13,
+        16 => minor < 9,
+        17 => minor < 5,
+        m => m < 13,
+    }
+}
+
 async fn slot_exists(source: &Client, d: &Direction) -> Result<bool, DbError> {
     Ok(source
         .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&d.slot_name()])
@@ -259,11 +273,15 @@ async fn add_tables(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let interrupted: Vec<String> = target
+    let interrupted: Vec<String> = match target
         .query("SELECT table_name FROM pgduplex.table_sync WHERE source_node = $1 AND lsn IS NULL", &[&src])
         .await
-        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-        .unwrap_or_default();
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // A dry run against a schema from before table_sync existed: nothing was interrupted.
+        Err(_) if opts.dry_run => Vec::new(),
+        Err(e) => return Err(DbError::new(tgt, "cannot read pgduplex.table_sync", e).into()),
+    };
     let qualified = |t: &SourceTable| format!("{}.{}", t.schema, t.name);
     let added: Vec<SourceTable> = tables
         .iter()
@@ -313,13 +331,46 @@ async fn add_tables(
         .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
         .collect();
     if !restarted.is_empty() {
+        // DELETE, not TRUNCATE: other tables may have foreign keys to them (not checked as replica).
+        let deletes: String = restarted.iter().map(|t| format!("DELETE FROM {t}; ")).collect();
         target
-            .batch_execute(&format!("SET session_replication_role = replica; TRUNCATE {}; RESET session_replication_role", restarted.join(", ")))
+            .batch_execute(&format!("BEGIN; SET LOCAL session_replication_role = replica; {deletes}COMMIT"))
             .await
             .map_err(|e| DbError::new(tgt, "cannot empty the tables of the interrupted copy", e))?;
         report.lines.push(format!("node {tgt}: an interrupted copy of {} was emptied to start over", restarted.join(", ")));
     }
-    install_direction(d, source, target, tables, false, true, &mut report).await?;
+    // Publish the new tables. Their lock first: a transaction writing one of them must not
+    // straddle the publication change (PostgreSQL before 15.13/16.9/17.5 could then stop
+    // decoding the table's later changes for good; the lock also keeps it simple to reason).
+    let new: Vec<String> = added
+        .iter()
+        .filter(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name))
+        .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+        .collect();
+    if !new.is_empty() {
+        let list = new.join(", ");
+        source
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '60s'; LOCK TABLE {list} IN SHARE ROW EXCLUSIVE MODE; \
+                 ALTER PUBLICATION {} ADD TABLE {list}; COMMIT",
+                quote_ident(&publication)
+            ))
+            .await
+            .map_err(|e| DbError::new(src, format!("cannot add {list} to publication {publication}"), e))?;
+        report.lines.push(format!("node {src}: publication {publication}: added {list}"));
+    }
+    let version: i32 = source
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| DbError::new(src, "cannot read server_version_num", e))?
+        .get(0);
+    if invalidation_bug(version) {
+        report.lines.push(format!(
+            "warning: node {src} runs a PostgreSQL minor release ({version}) whose logical decoding can miss the changes of a table \
+             added to a publication while a transaction that began earlier writes to it (fixed in 13.21, 14.18, 15.13, 16.9, \
+             17.5): update that server, and check the added tables with `pgduplex verify`"
+        ));
+    }
     let r = copy::copy(config, d, &added, opts.jobs, true).await?;
     for name in &names {
         target
@@ -593,4 +644,20 @@ pub async fn teardown(config: &Config) -> Result<Vec<String>, SetupError> {
         }
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_bug_is_fixed_in_the_may_2025_minors() {
+        assert!(invalidation_bug(150012));
+        assert!(!invalidation_bug(150013));
+        assert!(!invalidation_bug(150018));
+        assert!(invalidation_bug(160008) && !invalidation_bug(160009));
+        assert!(invalidation_bug(170004) && !invalidation_bug(170005));
+        assert!(!invalidation_bug(180000) && !invalidation_bug(180006));
+        assert!(invalidation_bug(120020));
+    }
 }
