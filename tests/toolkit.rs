@@ -66,19 +66,26 @@ async fn status_reports_each_direction() {
     setup.wait_converged(&["t"], std::time::Duration::from_secs(30)).await;
     let a_to_b = format!("{}-to-{}", a.name, b.name);
     let mut last = serde_json::Value::Null;
-    let ok = support::poll_async(std::time::Duration::from_secs(20), || {
+    // The lag in bytes is measured against the cluster's WAL position, which other tests' databases
+    // on the shared clusters move too: an idle direction catches up at its next idle record.
+    let lag_ok = |d: &serde_json::Value| d["lag_bytes"].as_i64().is_some_and(|l| (0..64 << 20).contains(&l));
+    let ok = support::poll_async(std::time::Duration::from_secs(60), || {
         last = status_json(&setup);
-        let d = last["directions"].as_array().and_then(|ds| ds.iter().find(|d| d["direction"] == a_to_b.as_str())).cloned();
-        async move { d.is_some_and(|d| d["applied_transactions"].as_u64().unwrap_or(0) >= 1 && d["slot_active"] == true) }
+        let ds = last["directions"].as_array().cloned().unwrap_or_default();
+        let applied = ds.iter().any(|d| {
+            d["direction"] == a_to_b.as_str() && d["applied_transactions"].as_u64().unwrap_or(0) >= 1 && d["slot_active"] == true
+        });
+        let caught_up = ds.len() == 2 && ds.iter().all(lag_ok);
+        async move { applied && caught_up }
     })
     .await;
-    assert!(ok, "status never showed the applied transaction: {last:#}");
+    assert!(ok, "status never showed the applied transaction and both directions caught up: {last:#}");
     assert_eq!(last["run_alive"], true);
     let ds = last["directions"].as_array().expect("directions");
     assert_eq!(ds.len(), 2);
     for d in ds {
         assert_eq!(d["slot_exists"], true, "{d:#}");
-        assert!(d["lag_bytes"].as_i64().is_some_and(|l| (0..16 << 20).contains(&l)), "lag in bytes: {d:#}");
+        assert!(lag_ok(d), "lag in bytes: {d:#}");
         assert!(d["retained_wal_bytes"].as_i64().is_some(), "{d:#}");
         assert_eq!(d["parked_changes"], 0, "{d:#}");
         assert_eq!(d["streaming"], true, "{d:#}");
