@@ -493,6 +493,30 @@ async fn column_added_on_one_node_pauses_that_table_until_the_other_has_it() {
     // And it replicates normally again, the new column included.
     exec(&a, "UPDATE kv SET w = 'again' WHERE id = 2").await;
     wait_identical(&setup, 0).await;
+
+    // DROP COLUMN on b first: a's changes of kv still carry w, so they are held on b, while b's
+    // (without w) reach a. Then a drops it too and writes nothing more to kv: the pause ends from
+    // a's catalog, and the held change is applied without its w.
+    exec(&b, "ALTER TABLE kv DROP COLUMN w").await;
+    exec(&a, "UPDATE kv SET x = 7 WHERE id = 5").await;
+    support::wait_until("kv paused a -> b after the DROP on b", Duration::from_secs(30), || {
+        let v = run.metric(&a_to_b);
+        async move { v == Some(1.0) }
+    })
+    .await;
+    exec(&b, "UPDATE kv SET y = 'b6' WHERE id = 6").await;
+    support::wait_until("b's change on a", Duration::from_secs(30), || async {
+        query_strings(&a, "SELECT y FROM kv WHERE id = 6").await == ["b6"]
+    })
+    .await;
+    exec(&a, "ALTER TABLE kv DROP COLUMN w").await;
+    wait_identical(&setup, 0).await;
+    assert_eq!(query_strings(&b, "SELECT x::text FROM kv WHERE id = 5").await, ["7"]);
+    support::wait_until("kv resumed after the DROP on a", Duration::from_secs(30), || {
+        let v = run.metric(&a_to_b);
+        async move { v == Some(0.0) }
+    })
+    .await;
     run.stop();
     setup.teardown();
 }

@@ -247,7 +247,7 @@ impl State<'_> {
     /// After a source transaction: resumes the paused tables whose latest Relation matched.
     pub(super) async fn resume_wanted_tables(&mut self) -> Result<(), PipelineError> {
         for table in std::mem::take(&mut self.resume_wanted) {
-            self.resume(&table).await?;
+            self.resume(&table, true).await?;
         }
         Ok(())
     }
@@ -265,7 +265,10 @@ impl State<'_> {
         let source = self.direction.source.to_string();
         for (table, rel, raw, stored) in due {
             match self.applier.drift(&rel, &source).await.map_err(|e| self.apply_err(e))? {
-                None => self.resume(&table).await?,
+                None => self.resume(&table, true).await?,
+                // Two-way, a column dropped on the target first: the source may have dropped it
+                // too without writing the table since (no new Relation message tells us).
+                Some(_) if self.pairer.is_some() && self.source_catalog_matches(&rel).await? => self.resume(&table, false).await?,
                 Some(error) if error != stored => {
                     // Keep the stored reason current (the target changed, but not enough).
                     self.applier.pause_table(&source, &table, &error, &raw).await.map_err(|e| self.apply_err(e))?;
@@ -280,10 +283,32 @@ impl State<'_> {
         Ok(())
     }
 
+    /// Whether the source's catalog, as it is now, has no column the target lacks (the stream's
+    /// latest Relation message may be older).
+    async fn source_catalog_matches(&mut self, rel: &Relation) -> Result<bool, PipelineError> {
+        let source: Vec<String> = self
+            .source_sql
+            .query(crate::apply::TARGET_COLUMNS_SQL, &[&rel.namespace, &rel.name])
+            .await
+            .map_err(|e| PipelineError::Db {
+                direction: self.label.clone(),
+                source: crate::db::DbError::new(self.direction.source.as_str(), format!("cannot read columns of {}.{}", rel.namespace, rel.name), e),
+            })?
+            .iter()
+            .filter(|r| !r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect();
+        if source.is_empty() {
+            return Ok(false);
+        }
+        let target = self.applier.target_columns(&rel.namespace, &rel.name).await.map_err(|e| self.apply_err(e))?;
+        Ok(source.iter().all(|c| target.iter().any(|t| &t.name == c)))
+    }
+
     /// Replays a paused table's held changes in a target transaction of its own and resumes
-    /// it. A replay that fails is rolled back (nothing is lost: the changes stay held) and
-    /// tried again later.
-    async fn resume(&mut self, table: &str) -> Result<(), PipelineError> {
+    /// it (`recheck`: only if its latest Relation matches the target). A replay that fails is
+    /// rolled back (nothing is lost: the changes stay held) and tried again later.
+    async fn resume(&mut self, table: &str, recheck: bool) -> Result<(), PipelineError> {
         let Some(p) = self.paused.get(table) else { return Ok(()) };
         if self.syncing.get(table) == Some(&Sync::Copying) {
             // Still being copied: nothing of it may be applied yet (replay skips what a
@@ -292,7 +317,7 @@ impl State<'_> {
         }
         let latest = p.relation.clone();
         let source = self.direction.source.to_string();
-        if self.applier.drift(&latest, &source).await.map_err(|e| self.apply_err(e))?.is_some() {
+        if recheck && self.applier.drift(&latest, &source).await.map_err(|e| self.apply_err(e))?.is_some() {
             return Ok(());
         }
         self.applier.commit_batch().await.map_err(|e| self.apply_err(e))?;

@@ -156,6 +156,8 @@ struct OpenTransaction {
 
 struct State<'a> {
     direction: &'a Direction,
+    /// A plain connection to the source (its catalog, the slot).
+    source_sql: &'a tokio_postgres::Client,
     label: String,
     metrics: &'a Metrics,
     applier: Applier,
@@ -312,6 +314,7 @@ async fn stream_once(
 
     let mut st = State {
         direction,
+        source_sql: &source_sql,
         label: label.clone(),
         metrics,
         applier,
