@@ -454,11 +454,7 @@ async fn schema_drift_pauses_one_table_until_the_target_matches() {
     .unwrap();
     setup.wait_converged(&["steady"], timeout).await;
     let gauge = format!("pgduplex_table_paused{{direction=\"{}-to-{}\",table=\"public.drifting\"}}", a.name, b.name);
-    support::wait_until("drifting paused", timeout, || {
-        let v = run.metric(&gauge);
-        async move { v == Some(1.0) }
-    })
-    .await;
+    run.wait_metric("drifting paused", &gauge, 1.0, timeout).await;
     let error = strings(&b, "SELECT error FROM pgduplex.paused_tables").await;
     assert!(error.len() == 1 && error[0].contains("public.drifting") && error[0].contains(" w "), "error names table and column: {error:?}");
     assert!(run.log_text().contains("schema drift"), "the pause is logged");
@@ -469,11 +465,7 @@ async fn schema_drift_pauses_one_table_until_the_target_matches() {
     let mut run = setup.run();
     src.batch_execute("UPDATE drifting SET v = 'after restart' WHERE id = 3; INSERT INTO steady VALUES (12, 'after restart')").await.unwrap();
     setup.wait_converged(&["steady"], timeout).await;
-    support::wait_until("drifting still paused after the restart", timeout, || {
-        let v = run.metric(&gauge);
-        async move { v == Some(1.0) }
-    })
-    .await;
+    run.wait_metric("drifting still paused after the restart", &gauge, 1.0, timeout).await;
     assert_eq!(count(&b, "SELECT count(*) FROM pgduplex.paused_changes").await, 4, "every change of drifting is held");
     let st = status_json(&setup);
     let paused = &st["directions"][0]["paused_tables"];
@@ -486,11 +478,7 @@ async fn schema_drift_pauses_one_table_until_the_target_matches() {
         strings(&b, "SELECT id || ':' || v || ':' || w FROM drifting WHERE id IN (1, 3, 11) ORDER BY id").await,
         ["1:v:w1", "3:after restart:none", "11:new:w11"]
     );
-    support::wait_until("drifting resumed", timeout, || {
-        let v = run.metric(&gauge);
-        async move { v == Some(0.0) }
-    })
-    .await;
+    run.wait_metric("drifting resumed", &gauge, 0.0, timeout).await;
     assert_eq!(count(&b, "SELECT count(*) FROM pgduplex.paused_changes").await + count(&b, "SELECT count(*) FROM pgduplex.paused_tables").await, 0);
     src.batch_execute("UPDATE drifting SET w = 'streaming again' WHERE id = 5").await.unwrap();
     setup.wait_converged(&["drifting"], timeout).await;
@@ -498,11 +486,7 @@ async fn schema_drift_pauses_one_table_until_the_target_matches() {
     // A second drift; a TRUNCATE naming the paused table and another one, as its transaction's
     // first change: the other table is truncated now, the paused one's part is held and replayed.
     src.batch_execute("ALTER TABLE drifting ADD COLUMN w2 int; INSERT INTO drifting (id, v, w2) VALUES (100, 'x', 1)").await.unwrap();
-    support::wait_until("drifting paused again", timeout, || {
-        let v = run.metric(&gauge);
-        async move { v == Some(1.0) }
-    })
-    .await;
+    run.wait_metric("drifting paused again", &gauge, 1.0, timeout).await;
     src.batch_execute("TRUNCATE drifting, steady; INSERT INTO steady VALUES (1, 'after truncate')").await.unwrap();
     setup.wait_converged(&["steady"], timeout).await;
     assert_eq!(count(&b, "SELECT count(*) FROM drifting").await, 10, "drifting's truncate is held while it is paused");

@@ -466,11 +466,7 @@ async fn column_added_on_one_node_pauses_that_table_until_the_other_has_it() {
     })
     .await;
     let a_to_b = format!("pgduplex_table_paused{{direction=\"{}-to-{}\",table=\"public.kv\"}}", a.name, b.name);
-    support::wait_until("kv paused a -> b", Duration::from_secs(30), || {
-        let v = run.metric(&a_to_b);
-        async move { v == Some(1.0) }
-    })
-    .await;
+    run.wait_metric("kv paused a -> b", &a_to_b, 1.0, Duration::from_secs(30)).await;
     let b_to_a = format!("pgduplex_table_paused{{direction=\"{}-to-{}\",table=\"public.kv\"}}", b.name, a.name);
     assert_ne!(run.metric(&b_to_a), Some(1.0), "b -> a must not pause: a has every column b sends");
     let error = query_strings(&b, "SELECT error FROM pgduplex.paused_tables").await;
@@ -485,11 +481,7 @@ async fn column_added_on_one_node_pauses_that_table_until_the_other_has_it() {
         ["1:1:a1", "2:100:none", "20:20:a20", "30:30:none"]
     );
     assert_eq!(query_strings(&b, "SELECT count(*)::text FROM pgduplex.paused_changes").await, ["0"]);
-    support::wait_until("kv resumed", Duration::from_secs(30), || {
-        let v = run.metric(&a_to_b);
-        async move { v == Some(0.0) }
-    })
-    .await;
+    run.wait_metric("kv resumed", &a_to_b, 0.0, Duration::from_secs(30)).await;
     // And it replicates normally again, the new column included.
     exec(&a, "UPDATE kv SET w = 'again' WHERE id = 2").await;
     wait_identical(&setup, 0).await;
@@ -499,11 +491,7 @@ async fn column_added_on_one_node_pauses_that_table_until_the_other_has_it() {
     // a's catalog, and the held change is applied without its w.
     exec(&b, "ALTER TABLE kv DROP COLUMN w").await;
     exec(&a, "UPDATE kv SET x = 7 WHERE id = 5").await;
-    support::wait_until("kv paused a -> b after the DROP on b", Duration::from_secs(30), || {
-        let v = run.metric(&a_to_b);
-        async move { v == Some(1.0) }
-    })
-    .await;
+    run.wait_metric("kv paused a -> b after the DROP on b", &a_to_b, 1.0, Duration::from_secs(30)).await;
     exec(&b, "UPDATE kv SET y = 'b6' WHERE id = 6").await;
     support::wait_until("b's change on a", Duration::from_secs(30), || async {
         query_strings(&a, "SELECT y FROM kv WHERE id = 6").await == ["b6"]
@@ -512,11 +500,7 @@ async fn column_added_on_one_node_pauses_that_table_until_the_other_has_it() {
     exec(&a, "ALTER TABLE kv DROP COLUMN w").await;
     wait_identical(&setup, 0).await;
     assert_eq!(query_strings(&b, "SELECT x::text FROM kv WHERE id = 5").await, ["7"]);
-    support::wait_until("kv resumed after the DROP on a", Duration::from_secs(30), || {
-        let v = run.metric(&a_to_b);
-        async move { v == Some(0.0) }
-    })
-    .await;
+    run.wait_metric("kv resumed after the DROP on a", &a_to_b, 0.0, Duration::from_secs(30)).await;
     run.stop();
     setup.teardown();
 }

@@ -65,8 +65,23 @@ impl Applier {
     /// table, the columns and the fix) when the target lacks the table or some of its columns.
     pub async fn drift(&mut self, rel: &Relation, source: &str) -> Result<Option<String>, ApplyError> {
         let cols = self.target_columns(&rel.namespace, &rel.name).await?;
+        Ok(self.drift_message(rel, source, &cols))
+    }
+
+    /// A Relation message from the stream: [`Applier::drift`], and when there is none, one way,
+    /// the relation is matched for applying its changes (the target's columns read once).
+    pub async fn relation_or_drift(&mut self, rel: &Relation, source: &str) -> Result<Option<String>, ApplyError> {
+        let cols = self.target_columns(&rel.namespace, &rel.name).await?;
+        let drift = self.drift_message(rel, source, &cols);
+        if drift.is_none() && self.two_way.is_none() {
+            self.install_relation(rel, &cols, false)?;
+        }
+        Ok(drift)
+    }
+
+    fn drift_message(&self, rel: &Relation, source: &str, cols: &[TargetColumn]) -> Option<String> {
         let table = format!("{}.{}", rel.namespace, rel.name);
-        Ok(match super::table::missing_columns(rel, &cols) {
+        match super::table::missing_columns(rel, cols) {
             None => Some(format!(
                 "table {table} exists on node {source} but not on node {}: create it there (its changes are held until then)",
                 self.node
@@ -82,7 +97,7 @@ impl Applier {
                 target = self.node,
                 them = if missing.len() == 1 { "it" } else { "them" },
             )),
-        })
+        }
     }
 
     /// Records (or updates) a paused table in the open batch.

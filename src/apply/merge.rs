@@ -508,7 +508,6 @@ impl Applier {
         Ok(stmt)
     }
 
-    /// Merges one row change into the target.
     /// Merges a chain of changes of one row (one change while streaming; a key's parked
     /// changes on resolve) into the target.
     async fn merge_changes(&mut self, chain: &[RowChange], source_lsn: Lsn) -> Result<(), MergeFailure> {

@@ -330,7 +330,12 @@ impl Applier {
     async fn match_relation(&mut self, rel: &Relation, lenient: bool) -> Result<(), ApplyError> {
         // (target_columns waits for the pipeline first.)
         let cols = self.target_columns(&rel.namespace, &rel.name).await?;
-        let map = if lenient { TableMap::resolve_lenient(rel, &cols)? } else { TableMap::resolve(rel, &cols)? };
+        self.install_relation(rel, &cols, lenient)
+    }
+
+    /// Matches `rel` against the target columns `cols` (already read) and caches the mapping.
+    fn install_relation(&mut self, rel: &Relation, cols: &[TargetColumn], lenient: bool) -> Result<(), ApplyError> {
+        let map = if lenient { TableMap::resolve_lenient(rel, cols)? } else { TableMap::resolve(rel, cols)? };
         self.statements.retain(|k, _| k.relation != rel.oid);
         self.tables.insert(rel.oid, map);
         Ok(())

@@ -11,6 +11,10 @@
 //! are taken between source transactions, so a transaction's changes of a table are either
 //! all held or all applied.
 //!
+//! Two-way, the check also reads the source node's catalog: a pause caused by a column the
+//! target dropped first ends once the source has dropped it too, even if the source does not
+//! write the table again (no new Relation message would come).
+//!
 //! Two-way: a change lacking a column the target has is not drift (the column was added on
 //! the target first; the merge keeps the target's value, see `apply::merge`), so an ALTER
 //! TABLE ... ADD COLUMN on one node pauses only the direction towards the other node.
@@ -22,7 +26,7 @@ use bytes::Bytes;
 use tracing::{error, info, warn};
 
 use super::pair::{Pairer, RowChange};
-use super::{PipelineError, State};
+use super::{PipelineError, RowMessage, State};
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message, Relation, Truncate};
 
@@ -180,7 +184,9 @@ impl State<'_> {
             self.refresh_syncing().await?;
         }
         let source = self.direction.source.to_string();
-        let drift = self.applier.drift(&rel, &source).await.map_err(|e| self.apply_err(e))?;
+        // One way, a matching relation is also installed for applying (paused or not: a paused
+        // table's changes are held, and resuming installs its latest relation again).
+        let drift = self.applier.relation_or_drift(&rel, &source).await.map_err(|e| self.apply_err(e))?;
         match drift {
             Some(error) => {
                 self.resume_wanted.retain(|t| *t != table);
@@ -191,8 +197,8 @@ impl State<'_> {
                 self.applier.pause_table(&source, &table, &error, raw).await.map_err(|e| self.apply_err(e))?;
                 self.paused.insert(table, Paused { relation: rel, raw: raw.clone(), error, retry_at: Instant::now() });
             }
-            None => match self.paused.get_mut(&table) {
-                Some(p) => {
+            None => {
+                if let Some(p) = self.paused.get_mut(&table) {
                     p.relation = rel;
                     p.raw = raw.clone();
                     p.retry_at = Instant::now();
@@ -200,9 +206,7 @@ impl State<'_> {
                         self.resume_wanted.push(table);
                     }
                 }
-                None if self.pairer.is_none() => self.applier.relation(&rel).await.map_err(|e| self.apply_err(e))?,
-                None => {}
-            },
+            }
         }
         Ok(())
     }
@@ -391,11 +395,9 @@ impl State<'_> {
                     }
                     let (_, pairer) = group.get_or_insert_with(|| (h.commit_lsn, Pairer::new()));
                     pairer.relation(&rel);
-                    match msg {
-                        Message::Insert(m) => pairer.insert(&m),
-                        Message::Update(m) => pairer.update(&m),
-                        Message::Delete(m) => pairer.delete(&m),
-                        other => return Err(self.violation(h.commit_lsn, format!("held {} message in a two-way direction", other.name()))),
+                    match RowMessage::of(msg) {
+                        Ok(row) => row.pair(pairer),
+                        Err(other) => return Err(self.violation(h.commit_lsn, format!("held {} message in a two-way direction", other.name()))),
                     }
                     continue;
                 }
@@ -403,16 +405,13 @@ impl State<'_> {
                     self.applier.replay_relation(&rel).await.map_err(|e| self.apply_err(e))?;
                     last_relation = Some(h.relation.clone());
                 }
-                let applier = &mut self.applier;
-                let r = match msg {
-                    Message::Insert(m) => applier.insert(&m).await,
-                    Message::Update(m) => applier.update(&m).await,
-                    Message::Delete(m) => applier.delete(&m).await,
-                    Message::Truncate(mut m) => {
+                let r = match RowMessage::of(msg) {
+                    Ok(row) => row.apply(&mut self.applier).await,
+                    Err(Message::Truncate(mut m)) => {
                         m.relation_oids.retain(|&o| o == rel.oid);
-                        applier.truncate(&m).await
+                        self.applier.truncate(&m).await
                     }
-                    other => return Err(self.violation(h.commit_lsn, format!("held {} message", other.name()))),
+                    Err(other) => return Err(self.violation(h.commit_lsn, format!("held {} message", other.name()))),
                 };
                 r.map_err(|e| self.apply_err(e))?;
             }

@@ -27,7 +27,7 @@ use crate::config::{Config, Direction};
 use crate::db::{self, DbError};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::pgoutput::{self, DecodeContext, DecodeError, Message};
+use crate::pgoutput::{self, DecodeContext, DecodeError, Delete, Insert, Message, Update};
 use crate::versions::NodeId;
 use pair::Pairer;
 use crate::protocol::{ConnectParams, ProtocolError, ReplicationClient, ReplicationMessage, ReplicationStream};
@@ -141,6 +141,51 @@ pub async fn run_direction(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// A row change message, routed the same way whether streamed or replayed.
+enum RowMessage {
+    Insert(Insert),
+    Update(Update),
+    Delete(Delete),
+}
+
+impl RowMessage {
+    /// The row change in `m`, or `m` back when it is none.
+    fn of(m: Message) -> Result<RowMessage, Message> {
+        match m {
+            Message::Insert(m) => Ok(RowMessage::Insert(m)),
+            Message::Update(m) => Ok(RowMessage::Update(m)),
+            Message::Delete(m) => Ok(RowMessage::Delete(m)),
+            other => Err(other),
+        }
+    }
+
+    fn relation_oid(&self) -> u32 {
+        match self {
+            RowMessage::Insert(m) => m.relation_oid,
+            RowMessage::Update(m) => m.relation_oid,
+            RowMessage::Delete(m) => m.relation_oid,
+        }
+    }
+
+    /// Two-way: into the transaction's pairing.
+    fn pair(&self, p: &mut Pairer) {
+        match self {
+            RowMessage::Insert(m) => p.insert(m),
+            RowMessage::Update(m) => p.update(m),
+            RowMessage::Delete(m) => p.delete(m),
+        }
+    }
+
+    /// One way: to the target (in the open batch).
+    async fn apply(&self, a: &mut Applier) -> Result<(), ApplyError> {
+        match self {
+            RowMessage::Insert(m) => a.insert(m).await,
+            RowMessage::Update(m) => a.update(m).await,
+            RowMessage::Delete(m) => a.delete(m).await,
         }
     }
 }
@@ -522,36 +567,9 @@ impl State<'_> {
             }
             Message::Relation(rel) => self.on_relation(rel, data).await?,
             Message::Type(_) | Message::LogicalMessage(_) => {}
-            Message::Insert(ins) => {
-                if self.change_wanted(lsn)? && !self.held(ins.relation_oid, data).await? {
-                    if let Some(p) = &mut self.pairer {
-                        p.insert(&ins);
-                    } else {
-                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                        self.applier.insert(&ins).await.map_err(|e| a(self, e))?;
-                    }
-                }
-            }
-            Message::Update(up) => {
-                if self.change_wanted(lsn)? && !self.held(up.relation_oid, data).await? {
-                    if let Some(p) = &mut self.pairer {
-                        p.update(&up);
-                    } else {
-                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                        self.applier.update(&up).await.map_err(|e| a(self, e))?;
-                    }
-                }
-            }
-            Message::Delete(del) => {
-                if self.change_wanted(lsn)? && !self.held(del.relation_oid, data).await? {
-                    if let Some(p) = &mut self.pairer {
-                        p.delete(&del);
-                    } else {
-                        self.applier.begin_if_needed().await.map_err(|e| a(self, e))?;
-                        self.applier.delete(&del).await.map_err(|e| a(self, e))?;
-                    }
-                }
-            }
+            Message::Insert(m) => self.row_change(lsn, data, RowMessage::Insert(m)).await?,
+            Message::Update(m) => self.row_change(lsn, data, RowMessage::Update(m)).await?,
+            Message::Delete(m) => self.row_change(lsn, data, RowMessage::Delete(m)).await?,
             Message::Truncate(tr) => {
                 let wanted = self.change_wanted(lsn)?;
                 if wanted && self.pairer.is_some() {
@@ -625,6 +643,22 @@ impl State<'_> {
                 Ok(!t.echo)
             }
         }
+    }
+
+    /// An insert, update or delete: held (paused or added table), dropped (echo, or in an
+    /// added table's copy), buffered for pairing (two-way) or applied.
+    async fn row_change(&mut self, lsn: Lsn, data: &bytes::Bytes, row: RowMessage) -> Result<(), PipelineError> {
+        if !self.change_wanted(lsn)? || self.held(row.relation_oid(), data).await? {
+            return Ok(());
+        }
+        match &mut self.pairer {
+            Some(p) => row.pair(p),
+            None => {
+                self.applier.begin_if_needed().await.map_err(|e| self.apply_err(e))?;
+                row.apply(&mut self.applier).await.map_err(|e| self.apply_err(e))?;
+            }
+        }
+        Ok(())
     }
 
     /// A keepalive while idle: record its position durably so the slot can advance.

@@ -251,6 +251,16 @@ impl Running {
         let (_, body) = self.http_get("/metrics")?;
         body.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
     }
+
+    /// Waits until the metric sample `sample` reads `value` (panics naming `what` after `timeout`).
+    #[allow(dead_code)] // not every test binary waits on a metric
+    pub async fn wait_metric(&self, what: &str, sample: &str, value: f64, timeout: Duration) {
+        support::wait_until(what, timeout, || {
+            let v = self.metric(sample);
+            async move { v == Some(value) }
+        })
+        .await;
+    }
 }
 
 impl Drop for Running {
